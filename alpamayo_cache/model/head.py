@@ -1,0 +1,45 @@
+"""Build a trajectory head from a model spec: a preset (random weights from a fixed seed), a released
+Alpamayo-R1 folder (head keys only), or a training-run checkpoint (config read from the checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alpamayo_cache.config import ModelConfig, resolve_model
+from alpamayo_cache.errors import UserError
+from alpamayo_cache.model.expert import TrajectoryHead
+from alpamayo_cache.model.weights import load_head_file, load_into, load_released
+
+
+def init_head(cfg: ModelConfig, attention: str | None = None) -> TrajectoryHead:
+    """Random head with weights fixed by ``cfg.init_seed`` (independent of the global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed + 1)  # +1: the VLM of the same preset uses init_seed
+        return TrajectoryHead(cfg, attention=attention)
+
+
+def load_head(spec: str, attention: str | None = None) -> tuple[TrajectoryHead, ModelConfig, str]:
+    """-> (head, config, description). ``spec`` is a preset, a released folder or a run checkpoint."""
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".safetensors":
+        tensors, meta = load_head_file(path)
+        if "model_config" not in meta:
+            raise UserError(f"{path} carries no model_config metadata: not an alpamayo-cache checkpoint")
+        cfg = ModelConfig.from_dict(meta["model_config"])  # type: ignore[arg-type]
+        # A run saves only the groups it trained; the rest come from the run's starting weights.
+        head = init_head(cfg, attention)
+        base = str(meta.get("base", cfg.name))
+        if Path(base).is_dir():
+            load_released(head, Path(base))
+        load_into(head, tensors, str(path), partial=True)
+        return head, cfg, f"checkpoint {path}"
+    if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "config.json").is_file():
+        return load_head(str(path / "model.safetensors"), attention)
+    cfg = resolve_model(spec)
+    head = init_head(cfg, attention)
+    if path.is_dir():
+        load_released(head, path)
+        return head, cfg, f"released weights {path}"
+    return head, cfg, f"preset {cfg.name} (seed {cfg.init_seed})"
