@@ -182,7 +182,7 @@ REAL = ModelConfig(
 
 # The tiny preset's vocabulary is built offline by model/tokenizer.py; its size is fixed there and
 # checked at load time (see model.vlm.build_tiny_tokenizer).
-TINY_VOCAB_SIZE = 1_290
+TINY_VOCAB_SIZE = 1_280  # 256 bytes + 15 special tokens + 1000 trajectory tokens, rounded up
 
 TINY = ModelConfig(
     name="tiny",
@@ -209,7 +209,7 @@ TINY = ModelConfig(
     image_size=(64, 96),
     cameras=ALL_CAMERAS[:2],
     frames_per_camera=2,
-    traj_token_start_idx=286,
+    traj_token_start_idx=271,
     traj_vocab_size=1000,
 )
 
@@ -218,7 +218,9 @@ PRESETS: dict[str, ModelConfig] = {REAL.name: REAL, TINY.name: TINY}
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or pass a checkpoint folder")
+        raise UserError(
+            f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or pass a checkpoint folder"
+        )
     return PRESETS[name]
 
 
@@ -324,7 +326,9 @@ def apply_overrides(obj: Any, overrides: list[str]) -> Any:
 def _replace_path(obj: Any, parts: list[str], value: Any, dotted: str) -> Any:
     names = {f.name for f in dataclasses.fields(obj)}
     if parts[0] not in names:
-        raise UserError(f"override {dotted!r}: {type(obj).__name__} has no field {parts[0]!r} (fields: {sorted(names)})")
+        raise UserError(
+            f"override {dotted!r}: {type(obj).__name__} has no field {parts[0]!r} (fields: {sorted(names)})"
+        )
     if len(parts) == 1:
         if isinstance(value, list):
             value = tuple(value)

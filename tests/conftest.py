@@ -21,3 +21,44 @@ def reference() -> Path:
     if not folder.is_dir():
         pytest.fail(f"reference fixtures not found at {folder}; set ALPAMAYO_CACHE_REFERENCE_FIXTURES")
     return folder
+
+
+TINY_CAMERAS = ("camera_cross_left_120fov", "camera_front_wide_120fov")
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """Nine clean synthetic clips (the tiny preset's two cameras), as a hub cache."""
+    from alpamayo_cache.data.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    write_dataset(root, n_clips=9, seed=0, cameras=TINY_CAMERAS)
+    return root
+
+
+@pytest.fixture(scope="session")
+def faulty_data(tmp_path_factory) -> Path:
+    """Six clips, four of them broken in the four ways precompute must survive."""
+    from alpamayo_cache.data.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("faulty")
+    faults = {"missing_camera": "1", "corrupt_video": "2", "short": "3", "nan_egomotion": "4"}
+    write_dataset(root, n_clips=6, seed=1, cameras=TINY_CAMERAS, faults=faults)
+    return root
+
+
+def precompute_cfg(data: Path, store: Path, **kw):
+    from alpamayo_cache.precompute import PrecomputeConfig
+
+    kw.setdefault("val_percent", 34)
+    return PrecomputeConfig(store=store, data=str(data), model="tiny", device="cpu", **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(synthetic_data, tmp_path_factory) -> Path:
+    """A committed tiny-preset store: 9 clips x 3 keyframes (stride 1.5 s), fp32 K/V."""
+    from alpamayo_cache.precompute import run
+
+    store = tmp_path_factory.mktemp("stores") / "tiny"
+    run(precompute_cfg(synthetic_data, store, keyframes="stride:1.5"))
+    return store

@@ -113,7 +113,9 @@ def test_run_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         head.action_out_proj.bias.fill_(0.25)
     path = tmp_path / "ckpt.safetensors"
-    save_head(path, head, only_groups=("action_out_proj",), meta={"model_config": TINY.to_dict(), "base": "tiny"})
+    save_head(
+        path, head, only_groups=("action_out_proj",), meta={"model_config": TINY.to_dict(), "base": "tiny"}
+    )
     loaded, cfg, _ = load_head(str(path))
     assert cfg == TINY
     assert torch.equal(loaded.action_out_proj.bias, torch.full((2,), 0.25))

@@ -30,7 +30,9 @@ def _load(folder, name):
 def action_fixture(reference):
     tensors, meta = _load(reference, "action_space")
     fields = {f.name for f in dataclasses.fields(ActionSpaceConfig)}
-    cfg = ActionSpaceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["action_space"].items() if k in fields})
+    cfg = ActionSpaceConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["action_space"].items() if k in fields}
+    )
     return tensors, UnicycleActionSpace(cfg)
 
 
@@ -47,7 +49,9 @@ def test_t0_speed(action_fixture):
 
 def test_traj_to_action(action_fixture):
     t, space = action_fixture
-    action = space.traj_to_action(t["ego_history_xyz"], t["ego_history_rot"], t["ego_future_xyz"], t["ego_future_rot"])
+    action = space.traj_to_action(
+        t["ego_history_xyz"], t["ego_history_rot"], t["ego_future_xyz"], t["ego_future_rot"]
+    )
     c = space.cfg
     # Compare in physical units: float32 least squares leaves ~2e-4 of the *normalised* curvature
     # (std 0.026 1/m) between any two float32 implementations and the float64 solution, so the
@@ -106,7 +110,9 @@ def expert_fixture(reference):
         rope_theta=tc["rope_theta"],
         mrope_section=tuple(tc["rope_scaling"]["mrope_section"]),
     )
-    expert = ExpertConfig(tc["hidden_size"], tc["intermediate_size"], tc["num_attention_heads"], tc["head_dim"])
+    expert = ExpertConfig(
+        tc["hidden_size"], tc["intermediate_size"], tc["num_attention_heads"], tc["head_dim"]
+    )
     cfg = dataclasses.replace(TINY, text=text, expert=expert, action_in_proj=ActionInProjConfig(**ap))
     weights = {k: v for k, v in t.items() if k.startswith(("expert.", "action_in_proj.", "action_out_proj."))}
     b, length = t["kv_keys"].shape[1], t["kv_keys"].shape[3]
@@ -170,7 +176,9 @@ def test_euler_10_steps_against_reference(expert_fixture):
 
     ours = run(x0)
     g = torch.Generator().manual_seed(0)
-    envelope = max((run(x0 + 1e-7 * torch.randn(x0.shape, generator=g)) - ours).abs().mean().item() for _ in range(3))
+    envelope = max(
+        (run(x0 + 1e-7 * torch.randn(x0.shape, generator=g)) - ours).abs().mean().item() for _ in range(3)
+    )
     assert envelope > 1e-2, "expected a chaotic field; if not, tighten this test to 1e-4"
     assert (ours - ref).abs().mean().item() < envelope
     wrong = {

@@ -95,7 +95,9 @@ class UnicycleActionSpace:
             return _solve_spd(lhs, rhs_full)
         # v_0 is known: move its column to the right-hand side and solve for v_1..v_n.
         rhs = rhs_full[..., 1:] - gram[..., 1:, 0] * v0.unsqueeze(-1) - smooth[1:, 0] * v0.unsqueeze(-1)
-        lhs = gram[..., 1:, 1:] + smooth[1:, 1:] + c.v_ridge * torch.eye(n, dtype=dxy.dtype, device=dxy.device)
+        lhs = (
+            gram[..., 1:, 1:] + smooth[1:, 1:] + c.v_ridge * torch.eye(n, dtype=dxy.dtype, device=dxy.device)
+        )
         return torch.cat([v0.unsqueeze(-1), _solve_spd(lhs, rhs)], dim=-1)
 
     def estimate_t0_speed(self, hist_xyz: torch.Tensor, hist_rot: torch.Tensor) -> torch.Tensor:
@@ -105,7 +107,9 @@ class UnicycleActionSpace:
         return self._speed_fit(dxy, heading, v0=None)[..., -1]
 
     # -- generic "x * s = y" fit with 2nd-order smoothing --------------------------------------
-    def _scaled_fit(self, slope: torch.Tensor, target: torch.Tensor, lam: float, ridge: float) -> torch.Tensor:
+    def _scaled_fit(
+        self, slope: torch.Tensor, target: torch.Tensor, lam: float, ridge: float
+    ) -> torch.Tensor:
         n = target.shape[-1]
         lhs = torch.diag_embed(slope * slope) + smoothness_penalty(n, 2, lam, self.cfg.dt, target)
         lhs = lhs + ridge * torch.eye(n, dtype=target.dtype, device=target.device)

@@ -38,7 +38,11 @@ def hf_text_config(text: TextConfig, **overrides: object):
         head_dim=text.head_dim,
         rms_norm_eps=text.rms_norm_eps,
         rope_theta=text.rope_theta,
-        rope_scaling={"rope_type": "default", "mrope_section": list(text.mrope_section), "mrope_interleaved": True},
+        rope_scaling={
+            "rope_type": "default",
+            "mrope_section": list(text.mrope_section),
+            "mrope_interleaved": True,
+        },
         attention_bias=False,
         max_position_embeddings=262_144,
         tie_word_embeddings=False,
@@ -104,12 +108,18 @@ class _ReadOnlyPrefixCache:
         return torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)
 
 
-def attention_mask(prefix: Prefix, n_tokens: int, mode: str) -> torch.Tensor:
-    """Boolean mask [b, 1, w, t + w] (True = may attend): valid prefix + action block."""
+def attention_mask(prefix: Prefix, n_tokens: int, mode: str) -> torch.Tensor | None:
+    """Boolean mask [b, 1, w, t + w] (True = may attend): valid prefix + action block.
+
+    None when every token may see everything (bidirectional, no padding): SDPA then runs its fused
+    kernels with native grouped-query attention instead of materialising repeated K/V heads.
+    """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     b = prefix.lengths.shape[0]
     t = prefix.keys.shape[-2]
+    if mode == "bidirectional" and bool((prefix.lengths == t).all()):
+        return None
     device = prefix.keys.device
     valid_prefix = torch.arange(t, device=device)[None, :] < prefix.lengths[:, None]  # [b, t]
     prefix_part = valid_prefix[:, None, :].expand(b, n_tokens, t)
@@ -164,6 +174,7 @@ class TrajectoryHead(nn.Module):
                 past_key_values=cache,
                 cache_position=cache_position,
                 position_embeddings=rope,
+                is_causal=False,  # any causality is in the explicit mask
             )
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden = checkpoint(_run_layer, layer, hidden, kwargs, use_reentrant=False)
@@ -173,7 +184,11 @@ class TrajectoryHead(nn.Module):
         return self.action_out_proj(hidden).float()
 
     def trainable_groups(self) -> dict[str, nn.Module]:
-        return {"expert": self.expert, "action_in_proj": self.action_in_proj, "action_out_proj": self.action_out_proj}
+        return {
+            "expert": self.expert,
+            "action_in_proj": self.action_in_proj,
+            "action_out_proj": self.action_out_proj,
+        }
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -64,7 +64,9 @@ def read_head_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str, partial: bool = False) -> None:
+def load_into(
+    module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str, partial: bool = False
+) -> None:
     """Copy ``tensors`` into ``module`` checking names and shapes; every head key must be present
     unless ``partial`` (a run that trained only some groups saves only those)."""
     expected = {k: v for k, v in module.state_dict().items() if is_head_key(k)}
@@ -75,7 +77,9 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
         )
     missing = sorted(set(expected) - set(tensors))
     if missing and not partial:
-        raise UserError(f"{source}: missing key {missing[0]!r} ({len(missing)} in all): incomplete or wrong checkpoint")
+        raise UserError(
+            f"{source}: missing key {missing[0]!r} ({len(missing)} in all): incomplete or wrong checkpoint"
+        )
     for key, value in tensors.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise UserError(
@@ -92,7 +96,9 @@ def load_released(module: torch.nn.Module, folder: Path) -> None:
     load_into(module, read_head_tensors(folder), str(folder))
 
 
-def save_head(path: Path, module: torch.nn.Module, only_groups: tuple[str, ...] | None = None, meta: dict | None = None) -> None:
+def save_head(
+    path: Path, module: torch.nn.Module, only_groups: tuple[str, ...] | None = None, meta: dict | None = None
+) -> None:
     """Save head tensors (optionally only some top-level groups) under the released key names."""
     state = {
         k: v.detach().to("cpu").contiguous()

@@ -1,0 +1,128 @@
+"""GPU memory plan for one training step, computed from the model dimensions and the options.
+
+Terms (bytes):
+- weights: every head parameter in the training dtype (bf16 on GPU), LoRA adapters in fp32;
+- grads: one per trainable parameter, in its dtype;
+- optimizer: AdamW's two moments, fp32 (8 B/param), or 8-bit (2 B/param) with bitsandbytes;
+- kv batch: micro-batch x L x 36 layers x K,V x 8 heads x 128 x 2 B (bf16 K/V on the GPU);
+- activations: what autograd keeps for backward. Per expert layer and sample the big items are the
+  concatenated [prefix ; action] K and V (2 x h x (L + w) x d), plus the w-token hidden states and
+  MLP intermediates. With gradient checkpointing only each layer's input is kept, plus one layer
+  being recomputed;
+- overhead: CUDA context and allocator fragmentation (a fixed 1.0 GiB, measured order of magnitude).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alpamayo_cache.config import ModelConfig
+
+GIB = 1024**3
+CUDA_OVERHEAD = 1 * GIB  # only counted for CUDA plans
+
+
+def head_parameter_count(cfg: ModelConfig) -> dict[str, int]:
+    """Exact parameter counts of expert, action_in_proj, action_out_proj (no module is built)."""
+    e, t = cfg.expert, cfg.text
+    q = e.hidden_size * e.num_heads * e.head_dim
+    kv = 2 * e.hidden_size * t.num_kv_heads * e.head_dim
+    o = e.num_heads * e.head_dim * e.hidden_size
+    mlp = 3 * e.hidden_size * e.intermediate_size
+    norms = 2 * e.hidden_size + 2 * e.head_dim
+    expert = t.num_layers * (q + kv + o + mlp + norms) + e.hidden_size
+    p = cfg.action_in_proj
+    feats = p.num_fourier_feats * 3
+    h = p.hidden_size
+    mlp_in = (
+        (feats * h + h) + (p.num_enc_layers - 1) * (h + h * h + h) + (h + h * e.hidden_size + e.hidden_size)
+    )
+    action_in = mlp_in + 2 * e.hidden_size
+    action_out = e.hidden_size * 2 + 2
+    return {"expert": expert, "action_in_proj": action_in, "action_out_proj": action_out}
+
+
+def lora_parameter_count(cfg: ModelConfig, rank: int) -> int:
+    e, t = cfg.expert, cfg.text
+    shapes = [
+        (e.hidden_size, e.num_heads * e.head_dim),
+        (e.hidden_size, t.num_kv_heads * e.head_dim),
+        (e.hidden_size, t.num_kv_heads * e.head_dim),
+        (e.num_heads * e.head_dim, e.hidden_size),
+        (e.hidden_size, e.intermediate_size),
+        (e.hidden_size, e.intermediate_size),
+        (e.intermediate_size, e.hidden_size),
+    ]
+    return t.num_layers * sum(rank * (a + b) for a, b in shapes)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: int
+    grads: int
+    optimizer: int
+    kv_batch: int
+    activations: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.kv_batch + self.activations + self.overhead
+
+    def table(self) -> str:
+        rows = [
+            (k, getattr(self, k))
+            for k in ("weights", "grads", "optimizer", "kv_batch", "activations", "overhead")
+        ]
+        rows.append(("total", self.total))
+        return "\n".join(f"  {name:<12} {value / GIB:7.2f} GiB" for name, value in rows)
+
+
+def plan(
+    cfg: ModelConfig,
+    prefix_len: int,
+    micro_batch: int,
+    scope: str = "all",
+    optimizer: str = "adamw",
+    checkpointing: bool = True,
+    param_bytes: int = 2,
+    lora_rank: int = 16,
+    cuda: bool = True,
+) -> MemoryPlan:
+    counts = head_parameter_count(cfg)
+    total_params = sum(counts.values())
+    if scope == "all":
+        trainable = total_params
+    elif scope == "heads":
+        trainable = counts["action_in_proj"] + counts["action_out_proj"]
+    elif scope == "lora":
+        trainable = (
+            lora_parameter_count(cfg, lora_rank) + counts["action_in_proj"] + counts["action_out_proj"]
+        )
+    else:
+        raise ValueError(f"unknown scope {scope!r}")
+    extra_lora = lora_parameter_count(cfg, lora_rank) * 4 if scope == "lora" else 0
+    weights = total_params * param_bytes + extra_lora
+    grad_bytes = 4 if scope == "lora" else param_bytes
+    grads = trainable * grad_bytes
+    optimizer_bytes = {"adamw": 8, "adamw8bit": 2}[optimizer]
+    optim = trainable * optimizer_bytes
+
+    e, t = cfg.expert, cfg.text
+    w = cfg.n_waypoints
+    act_bytes = 2 if param_bytes == 2 else 4
+    kv_batch = micro_batch * prefix_len * t.num_layers * 2 * t.num_kv_heads * t.head_dim * 2
+    hidden = micro_batch * w * e.hidden_size * act_bytes
+    # Per layer kept for backward: cat'ed K and V, q/k/v/o of the w tokens, MLP gate/up/act, norms.
+    concat_kv = 2 * micro_batch * t.num_kv_heads * (prefix_len + w) * t.head_dim * act_bytes
+    attn_small = (
+        micro_batch * w * (3 * e.num_heads * e.head_dim + 2 * t.num_kv_heads * e.head_dim) * act_bytes
+    )
+    mlp = micro_batch * w * 3 * e.intermediate_size * act_bytes
+    per_layer = concat_kv + attn_small + mlp + 4 * hidden
+    # Even with a frozen expert ("heads"), gradients reach action_in_proj through every expert layer.
+    if checkpointing:
+        activations = t.num_layers * hidden + per_layer
+    else:
+        activations = t.num_layers * per_layer
+    return MemoryPlan(weights, grads, optim, kv_batch, activations, CUDA_OVERHEAD if cuda else 0)
