@@ -23,6 +23,7 @@ from alpamayo_cache.data.samples import (
     Sample,
     SampleSpec,
     camera_set,
+    check_policy,
     load_sample,
     plan_samples,
     resize_frames,
@@ -159,6 +160,9 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
     dtype = compute_dtype(device, cfg.dtype)
     kv_dtype = dtype_name(dtype) if cfg.kv_dtype == "auto" else cfg.kv_dtype
 
+    for name in cfg.camera_sets:
+        camera_set(name, model.cameras)  # bad names fail before any data is touched
+    check_policy(cfg.keyframes)
     source = open_source(resolve_data(cfg, model), revision=cfg.revision, reader=cfg.reader)
     clips = select_clips(source.clip_ids(), cfg, rank, world)
     specs, clip_failures = plan_samples(

@@ -91,6 +91,20 @@ def valid_t0_range(ego, cfg: ModelConfig) -> tuple[int, int]:
     return start + back, end - FUTURE_STEPS * STEP_US
 
 
+def check_policy(policy: str) -> None:
+    """Refuse an unknown keyframe policy up front."""
+    if policy in ("default", "max-curvature"):
+        return
+    if policy.startswith("stride:"):
+        try:
+            if float(policy.split(":", 1)[1]) > 0:
+                return
+        except ValueError:
+            pass
+        raise UserError(f"keyframe policy {policy!r}: stride must be positive seconds, e.g. stride:2")
+    raise UserError(f"unknown keyframe policy {policy!r}: use default, max-curvature or stride:<seconds>")
+
+
 def keyframes(policy: str, ego, cfg: ModelConfig) -> list[int]:
     """t0 values (us) for one clip. ``default`` (5.1 s), ``max-curvature``, ``stride:<seconds>``."""
     first, last = valid_t0_range(ego, cfg)
@@ -108,15 +122,9 @@ def keyframes(policy: str, ego, cfg: ModelConfig) -> list[int]:
     if policy == "max-curvature":
         curvature = np.abs(path_curvature(ego, grid))
         return [int(grid[int(np.nanargmax(curvature))])]
-    if policy.startswith("stride:"):
-        try:
-            stride = float(policy.split(":", 1)[1])
-        except ValueError as exc:
-            raise UserError(f"keyframe policy {policy!r}: stride must be seconds, e.g. stride:2") from exc
-        if stride <= 0:
-            raise UserError(f"keyframe policy {policy!r}: stride must be positive")
-        return [int(t) for t in grid[:: max(1, int(round(stride * US / STEP_US)))]]
-    raise UserError(f"unknown keyframe policy {policy!r}: use default, max-curvature or stride:<seconds>")
+    check_policy(policy)
+    stride = float(policy.split(":", 1)[1])
+    return [int(t) for t in grid[:: max(1, int(round(stride * US / STEP_US)))]]
 
 
 def path_curvature(ego, timestamps: np.ndarray) -> np.ndarray:
