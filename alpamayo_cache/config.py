@@ -207,7 +207,7 @@ TINY = ModelConfig(
     expert=ExpertConfig(hidden_size=48, intermediate_size=80, num_heads=4, head_dim=16),
     action_in_proj=ActionInProjConfig(hidden_size=32, num_enc_layers=2),
     image_size=(64, 96),
-    cameras=ALL_CAMERAS[:2],
+    cameras=ALL_CAMERAS,
     frames_per_camera=2,
     traj_token_start_idx=271,
     traj_vocab_size=1000,

@@ -23,7 +23,12 @@ def reference() -> Path:
     return folder
 
 
-TINY_CAMERAS = ("camera_cross_left_120fov", "camera_front_wide_120fov")
+TINY_CAMERAS = (
+    "camera_cross_left_120fov",
+    "camera_front_wide_120fov",
+    "camera_cross_right_120fov",
+    "camera_front_tele_30fov",
+)
 
 
 @pytest.fixture(scope="session")

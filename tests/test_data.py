@@ -54,7 +54,7 @@ def test_sample_is_in_the_ego_frame(synthetic_data):
     assert sample.fut_xyz[-1, 0] > 10 and sample.fut_xyz[-1, 1] > 5  # ahead and to the left
     with pytest.raises(BadClip, match="too short"):
         load_sample(source, SampleSpec(left.clip_id, 7_000_000, "default", "train"), TINY)
-    assert sample.images.shape == (2, 2, 64, 96, 3)
+    assert sample.images.shape == (4, 2, 64, 96, 3)  # cameras, frames, H, W, RGB
 
 
 def test_keyframe_policies(synthetic_data):

@@ -189,7 +189,7 @@ def test_fp8_halves_bytes_and_stays_close(synthetic_data, tiny_store, tmp_path):
     assert kv_bytes(store) < kv_bytes(tiny_store) / 3.5  # vs fp32 here; vs bf16 it is half
 
 
-def test_reasoning_mode_stores_text(synthetic_data, tmp_path):
+def test_reasoning_mode_stores_text(synthetic_data, tiny_store, tmp_path):
     store = tmp_path / "reasoning"
     run(precompute_cfg(synthetic_data, store, prompt_mode="reasoning", limit=2, max_reasoning_tokens=6))
     reader = StoreReader(store)

@@ -7,6 +7,7 @@ by counting initialised chunks. Either raises ``CorruptSample`` naming the sampl
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,43 +98,56 @@ class StoreReader:
             and (not camera_sets or info.camera_set in camera_sets)
         ]
 
-    def _array(self, group, name: str, sample_id: str) -> np.ndarray:
-        try:
-            arr = group[name]
-        except KeyError:
-            raise CorruptSample(
-                f"sample {sample_id}: array {name!r} is missing; run `alpamayo-cache verify`"
-            ) from None
-        if arr.nchunks_initialized != arr.nchunks:
-            raise CorruptSample(
-                f"sample {sample_id}: {name} has {arr.nchunks - arr.nchunks_initialized} missing chunk(s) on disk; "
-                "run `alpamayo-cache verify` and re-run precompute for it"
-            )
-        try:
-            return arr[...]
-        except Exception as exc:
-            raise CorruptSample(
-                f"sample {sample_id}: {name} is corrupt on disk ({type(exc).__name__}); run `alpamayo-cache verify`"
-            ) from exc
-
-    def read(self, sample_id: str) -> CachedSample:
-        import zarr
+    def _arrays(self, sample_id: str, names: list[str]) -> tuple[dict, dict[str, np.ndarray]]:
+        """(sample attrs, arrays) of one sample, fetched concurrently in one trip into zarr's loop
+        (about half the per-sample overhead of one synchronous call per array)."""
+        import zarr.api.asynchronous as za
+        from zarr.core.sync import sync
 
         path = self.root / L.SAMPLES_DIR / sample_id
         if not path.is_dir():
             raise UserError(f"sample {sample_id} is not committed in {self.root}")
-        group = zarr.open_group(str(path), mode="r")
-        info = L.SampleInfo.from_dict(group.attrs["sample"])
-        raw = self._array(group, L.KV, sample_id)
-        scale = self._array(group, L.KV_SCALE, sample_id) if self.info.kv_dtype == "fp8" else None
-        kv = decode_kv(raw, self.info.kv_dtype, scale)
+
+        async def fetch():
+            group = await za.open_group(store=str(path), mode="r")
+            arrays = await asyncio.gather(*(group.getitem(n) for n in names))
+            initialised = await asyncio.gather(*(a.nchunks_initialized() for a in arrays))
+            for name, arr, n in zip(names, arrays, initialised, strict=True):
+                if n != arr.nchunks:  # zarr would silently return zeros for the missing chunks
+                    raise CorruptSample(
+                        f"sample {sample_id}: {name} has {arr.nchunks - n} missing chunk(s) on disk; "
+                        "run `alpamayo-cache verify` and re-run precompute for it"
+                    )
+            values = await asyncio.gather(*(a.getitem(...) for a in arrays))
+            return dict(group.attrs), dict(zip(names, values, strict=True))
+
+        try:
+            return sync(fetch())
+        except CorruptSample:
+            raise
+        except KeyError as exc:
+            raise CorruptSample(
+                f"sample {sample_id}: array {exc} is missing; run `alpamayo-cache verify`"
+            ) from None
+        except Exception as exc:
+            raise CorruptSample(
+                f"sample {sample_id} is corrupt on disk ({type(exc).__name__}: {str(exc)[:60]}); run `alpamayo-cache verify`"
+            ) from exc
+
+    def read(self, sample_id: str) -> CachedSample:
+        names = [L.KV, L.HIDDEN, L.HIST_XYZ, L.HIST_ROT, L.FUT_XYZ, L.FUT_ROT, L.ACTION]
+        if self.info.kv_dtype == "fp8":
+            names.append(L.KV_SCALE)
+        attrs, arrays = self._arrays(sample_id, names)
+        info = L.SampleInfo.from_dict(attrs["sample"])
+        kv = decode_kv(arrays[L.KV], self.info.kv_dtype, arrays.get(L.KV_SCALE))
         if kv.shape[3] != info.length:
             raise CorruptSample(
                 f"sample {sample_id}: kv holds {kv.shape[3]} tokens, metadata says L={info.length}"
             )
 
         def t(name: str) -> torch.Tensor:
-            return torch.from_numpy(self._array(group, name, sample_id))
+            return torch.from_numpy(arrays[name])
 
         return CachedSample(
             info=info,
@@ -148,7 +162,4 @@ class StoreReader:
         )
 
     def thumbnails(self, sample_id: str) -> np.ndarray:
-        import zarr
-
-        group = zarr.open_group(str(self.root / L.SAMPLES_DIR / sample_id), mode="r")
-        return self._array(group, L.THUMBS, sample_id)
+        return self._arrays(sample_id, [L.THUMBS])[1][L.THUMBS]
