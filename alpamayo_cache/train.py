@@ -26,7 +26,13 @@ from alpamayo_cache.optim import cosine_with_warmup, make_optimizer, resolve_opt
 from alpamayo_cache.runtime import compute_dtype, log, progress, resolve_device
 from alpamayo_cache.store.dataset import Batch, CachedFeatures, collate, epoch_batches
 from alpamayo_cache.store.reader import StoreReader
-from alpamayo_cache.train_state import TrainState, export_head, latest_checkpoint, load_state, save_checkpoint
+from alpamayo_cache.train_state import (
+    TrainState,
+    export_head,
+    latest_checkpoint,
+    load_state,
+    save_checkpoint,
+)
 
 SCOPES = ("all", "heads", "lora")
 
@@ -165,7 +171,12 @@ def run(cfg: TrainConfig) -> TrainResult:
         return TrainResult(cfg.run_dir, [], [], None, 0)
 
     run_dir = Path(cfg.run_dir)
-    resume_from = _prepare_run_dir(run_dir, cfg)
+    rank, world = _init_distributed(device)
+    if rank == 0:
+        resume_from = _prepare_run_dir(run_dir, cfg)
+    _barrier(world)
+    if rank != 0:
+        resume_from = latest_checkpoint(run_dir) if cfg.resume else None
     init = resolve_init(cfg.init, reader)
     head, head_cfg, described = load_head(init, cfg.attention or None)
     check_head_matches_store(head_cfg, store_cfg, described)
@@ -179,25 +190,34 @@ def run(cfg: TrainConfig) -> TrainResult:
     lr = cfg.lr if cfg.lr is not None else (3e-3 if head_cfg.name == "tiny" else 5e-5)
     optimizer = make_optimizer(params, optimizer_name, lr, cfg.weight_decay, cfg.betas)
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, lr, lr * cfg.min_lr_ratio)
-    state = TrainState(seed=cfg.seed)
+    state = TrainState(seed=cfg.seed, rank=rank)
     if resume_from is not None:
         load_state(resume_from, head, optimizer, scheduler, state)
+        if rank == 0:
+            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         log.info(f"resumed from {resume_from} at step {state.step}")
-    else:
+    elif rank == 0:
         _write_run_config(run_dir, cfg, store_cfg, init, described)
+    model = head
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            head, device_ids=[torch.device(device).index] if device.startswith("cuda") else None
+        )
     log.info(
         f"training {sum(p.numel() for p in params):,} parameters ({cfg.scope}) from {described} on {device}"
     )
 
     train_set = CachedFeatures(cfg.store, train_ids)
     val_set = CachedFeatures(cfg.store, val_ids) if val_ids else None
-    batches = _batch_stream(train_set, cfg, state, device)
+    batches = _batch_stream(train_set, cfg, state, device, rank, world)
     autocast = (
         torch.autocast("cuda", dtype=dtype)
         if device.startswith("cuda")
         else torch.autocast("cpu", enabled=False)
     )
-    metrics = open(run_dir / "metrics.jsonl", "a")
+    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
     last_ckpt = None
@@ -212,10 +232,10 @@ def run(cfg: TrainConfig) -> TrainResult:
         for _ in range(cfg.grad_accum):
             batch = next(batches)
             with autocast:
-                loss = training_loss(head, batch, state.noise_generator, device, dtype)
+                loss = training_loss(model, batch, state.noise_generator, device, dtype)
             (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            n_samples += len(batch.sample_ids)
+            step_loss += _mean_over_ranks(loss.detach(), world) / cfg.grad_accum
+            n_samples += len(batch.sample_ids) * world
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         optimizer.step()
         scheduler.step()
@@ -231,20 +251,59 @@ def run(cfg: TrainConfig) -> TrainResult:
         }
         if device.startswith("cuda"):
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / GIB
-        if val_set is not None and (state.step % cfg.val_every == 0 or state.step == cfg.steps):
+        if rank == 0 and val_set is not None and (state.step % cfg.val_every == 0 or state.step == cfg.steps):
             record["val_loss"] = validation_loss(head, val_set, cfg, device, dtype)
             val_losses.append((state.step, record["val_loss"]))
             head.train()
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
         if state.step % cfg.save_every == 0 or state.step == end:
-            last_ckpt = save_checkpoint(run_dir, head, optimizer, scheduler, state, cfg.scope, init, head_cfg)
-    metrics.close()
+            generators = _gather_generator_states(state, world)
+            if rank == 0:
+                last_ckpt = save_checkpoint(
+                    run_dir, head, optimizer, scheduler, state, cfg.scope, init, head_cfg, generators
+                )
+            _barrier(world)
+    if metrics is not None:
+        metrics.close()
     if losses:
         log.info(
             f"trained to step {state.step}/{cfg.steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoint {last_ckpt}"
         )
     return TrainResult(run_dir, losses, val_losses, last_ckpt, state.step)
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world) under torchrun / accelerate launch (DDP: NCCL on GPUs, gloo on CPUs)."""
+    from alpamayo_cache.runtime import dist_rank
+
+    rank, world = dist_rank()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return value.item()
+
+
+def _gather_generator_states(state: TrainState, world: int) -> list[torch.Tensor]:
+    mine = state.noise_generator.get_state()
+    if world == 1:
+        return [mine]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, mine)
+    return states
 
 
 def training_loss(
@@ -282,14 +341,25 @@ def validation_loss(
     return total / max(count, 1)
 
 
-def _batch_stream(dataset: CachedFeatures, cfg: TrainConfig, state: TrainState, device: str):
-    """Endless batches; ``state`` (epoch, batch index) advances as batches are taken."""
+def _batch_stream(
+    dataset: CachedFeatures, cfg: TrainConfig, state: TrainState, device: str, rank: int = 0, world: int = 1
+):
+    """Endless batches; ``state`` (epoch, batch index) advances as batches are taken.
+
+    With several ranks, round r of an epoch gives rank k the batch r * world + k of the epoch's
+    order (ranks stay in lockstep; the epoch's last partial round is dropped)."""
     from torch.utils.data import DataLoader
 
     workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if device.startswith("cuda") else 0)
     while True:
         order = epoch_batches(dataset.lengths, cfg.micro_batch, cfg.seed, state.epoch)
-        remaining = order[state.batch_in_epoch :]
+        rounds = len(order) // world
+        if rounds == 0:
+            raise UserError(
+                f"{len(order)} batch(es) per epoch cannot feed {world} ranks: lower --micro-batch or use fewer GPUs"
+            )
+        mine = [order[r * world + rank] for r in range(rounds)]
+        remaining = mine[state.batch_in_epoch :]
         loader = DataLoader(
             dataset,
             batch_sampler=remaining,
@@ -303,6 +373,20 @@ def _batch_stream(dataset: CachedFeatures, cfg: TrainConfig, state: TrainState, 
             yield batch
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut by the kill
+    path.write_text("".join(k + "\n" for k in kept))
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> Path | None:

@@ -31,13 +31,15 @@ GROUPS_BY_SCOPE = {
 @dataclass
 class TrainState:
     seed: int = 0
+    rank: int = 0
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     noise_generator: torch.Generator = field(default_factory=torch.Generator)
 
     def __post_init__(self) -> None:
-        self.noise_generator.manual_seed(self.seed)
+        # Each rank draws its own noise stream; rank 0 of any run draws the single-process stream.
+        self.noise_generator.manual_seed(self.seed + 1_000_003 * self.rank)
 
 
 def export_head(head: TrajectoryHead, path: Path, scope: str, base: str, cfg: ModelConfig, step: int) -> None:
@@ -71,8 +73,17 @@ class _StateProxy(torch.nn.Module):
 
 
 def save_checkpoint(
-    run_dir: Path, head, optimizer, scheduler, state: TrainState, scope: str, base: str, cfg: ModelConfig
+    run_dir: Path,
+    head,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    scope: str,
+    base: str,
+    cfg: ModelConfig,
+    generators: list[torch.Tensor] | None = None,
 ) -> Path:
+    """``generators``: every rank's noise-generator state (index = rank); default: this process's."""
     folder = Path(run_dir) / "checkpoints" / f"step-{state.step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     export_head(head, folder / "head.safetensors", scope, base, cfg, state.step)
@@ -84,7 +95,7 @@ def save_checkpoint(
         "step": state.step,
         "epoch": state.epoch,
         "batch_in_epoch": state.batch_in_epoch,
-        "noise_generator": state.noise_generator.get_state(),
+        "noise_generators": generators if generators is not None else [state.noise_generator.get_state()],
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -117,7 +128,14 @@ def load_state(folder: Path, head, optimizer, scheduler, state: TrainState) -> N
     state.step = payload["step"]
     state.epoch = payload["epoch"]
     state.batch_in_epoch = payload["batch_in_epoch"]
-    state.noise_generator.set_state(payload["noise_generator"])
+    generators = payload["noise_generators"]
+    if state.rank >= len(generators):
+        from alpamayo_cache.errors import UserError
+
+        raise UserError(
+            f"checkpoint {folder} was written by {len(generators)} rank(s); resume with the same number"
+        )
+    state.noise_generator.set_state(generators[state.rank])
     torch.set_rng_state(payload["torch_rng"])
     if payload["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["cuda_rng"])

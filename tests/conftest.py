@@ -67,3 +67,13 @@ def tiny_store(synthetic_data, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("stores") / "tiny"
     run(precompute_cfg(synthetic_data, store, keyframes="stride:1.5"))
     return store
+
+
+# Counters the reliability tests fill in; printed as one line at the end of the session.
+RELIABILITY = {"kills survived": 0, "samples lost": 0, "bad inputs rejected": 0}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if any(RELIABILITY.values()):
+        parts = ", ".join(f"{v} {k}" for k, v in RELIABILITY.items())
+        terminalreporter.write_line(f"reliability: {parts}")
