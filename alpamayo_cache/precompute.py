@@ -131,22 +131,19 @@ def select_clips(all_ids: list[str], cfg: PrecomputeConfig, rank: int, world: in
     return ids[rank::world]
 
 
-def expected_prefix_length(model: ModelConfig, camera_set_name: str, mode: str) -> int:
-    """Prompt tokens L for one sample (exact for traj-only; reasoning adds its sampled text)."""
+def expected_prefix_length(
+    model: ModelConfig, camera_set_name: str, mode: str, tokenizer_folder: Path | None
+) -> int:
+    """Prompt tokens L of one sample (exact for traj-only; reasoning adds its sampled text)."""
     from alpamayo_cache.model.vlm import PromptBuilder, load_tokenizer
 
     h, w = model.image_size
-    per = (h // model.vision.patch_size // model.vision.spatial_merge_size) * (
-        w // model.vision.patch_size // model.vision.spatial_merge_size
-    )
+    merged = model.vision.patch_size * model.vision.spatial_merge_size
+    per_image = (h // merged) * (w // merged)
     n_images = len(camera_set(camera_set_name, model.cameras).cameras) * model.frames_per_camera
-    if model.name == "tiny":
-        tok = load_tokenizer(model, None)
-        return len(
-            PromptBuilder(tok, model).build([per] * n_images, np.zeros((model.history_steps, 3)), mode)
-        )
-    # Without the tokenizer at hand: images + history + the fixed text (~33 tokens, measured on the real one).
-    return n_images * (per + 2) + model.history_steps * 3 + 2 + 33
+    tokenizer = load_tokenizer(model, tokenizer_folder)
+    history = np.zeros((model.history_steps, 3))
+    return len(PromptBuilder(tokenizer, model).build([per_image] * n_images, history, mode))
 
 
 def run(cfg: PrecomputeConfig) -> PrecomputeResult:
@@ -172,7 +169,12 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
     per_token = L.kv_bytes_per_token(
         model.text.num_layers, model.text.num_kv_heads, model.text.head_dim, kv_dtype
     )
-    lengths = {name: expected_prefix_length(model, name, cfg.prompt_mode) for name in cfg.camera_sets}
+    model_folder = Path(cfg.model) if Path(cfg.model).is_dir() else None
+    tokenizer_folder = cfg.tokenizer or model_folder
+    lengths = {
+        name: expected_prefix_length(model, name, cfg.prompt_mode, tokenizer_folder)
+        for name in cfg.camera_sets
+    }
     result = PrecomputeResult(store=Path(cfg.store), planned=len(specs))
     store_root = Path(cfg.store)
     committed = (
@@ -270,7 +272,7 @@ def _encode_all(
                 length=enc.length,
                 rope_delta=enc.rope_delta,
                 reasoning=enc.reasoning,
-                writer={**provenance, "rank": writer.rank},
+                writer={**provenance, "rank": writer.rank, "data": source.description},
             )
             if pending is not None:
                 pending.result()

@@ -69,8 +69,14 @@ def versions(device: str) -> dict[str, str]:
     return out
 
 
-def progress(items: Iterable[T], total: int, description: str, unit: str = "samples") -> Iterator[T]:
-    """A rich progress bar with rate and ETA; plain iteration when output is not a terminal."""
+def progress(
+    items: Iterable[T],
+    total: int,
+    description: str,
+    unit: str = "samples",
+    status: dict[str, str] | None = None,
+) -> Iterator[T]:
+    """A rich progress bar with rate and ETA. ``status`` (mutable) is shown after the rate, e.g. the loss."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -85,13 +91,15 @@ def progress(items: Iterable[T], total: int, description: str, unit: str = "samp
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total, rate="")
+        task = bar.add_task(description, total=total, rate="", status="")
         for item in items:
             yield item
             done = bar.tasks[0].completed + 1
             elapsed = bar.tasks[0].elapsed or 1e-9
-            bar.update(task, advance=1, rate=f"{done / elapsed:.2f} {unit}/s")
+            text = " ".join(f"{k} {v}" for k, v in (status or {}).items())
+            bar.update(task, advance=1, rate=f"{done / elapsed:.2f} {unit}/s", status=text)

@@ -225,7 +225,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     head.train()
-    for _ in progress(range(state.step, end), end - state.step, "train", unit="steps"):
+    status: dict[str, str] = {}
+    for _ in progress(range(state.step, end), end - state.step, "train", unit="steps", status=status):
         t_start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         step_loss, n_samples = 0.0, 0
@@ -241,6 +242,8 @@ def run(cfg: TrainConfig) -> TrainResult:
         scheduler.step()
         state.step += 1
         losses.append(step_loss)
+        status["loss"] = f"{step_loss:.4f}"
+        status["samples/s"] = f"{n_samples / (time.perf_counter() - t_start):.1f}"
         record = {
             "step": state.step,
             "loss": step_loss,

@@ -56,7 +56,8 @@ def precompute_cfg(data: Path, store: Path, **kw):
     from alpamayo_cache.precompute import PrecomputeConfig
 
     kw.setdefault("val_percent", 34)
-    return PrecomputeConfig(store=store, data=str(data), model="tiny", device="cpu", **kw)
+    kw.setdefault("model", "tiny")
+    return PrecomputeConfig(store=store, data=str(data), device="cpu", **kw)
 
 
 @pytest.fixture(scope="session")

@@ -104,3 +104,15 @@ def test_default_pipeline_beats_its_baseline_on_sharp_curves(tmp_path, monkeypat
     sharp = metrics["paired"]["tiny-traj-only"]["min_ade@sharp"]
     assert sharp["n"] >= 5
     assert sharp["ci_high"] < 0, sharp
+
+
+def test_pilot_pipeline_is_small(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["pipeline", "--pilot", "--name", "pilot"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(runner.invoke(app, ["info", "cache_store/pilot"]).output)
+    assert info["clips"] == 6
+    lines = (tmp_path / "runs" / "pilot" / "metrics.jsonl").read_text().splitlines()
+    n_train = info["by_split"].get("train", 0)
+    assert len(lines) == -(-n_train // 4)  # one epoch of micro-batches of 4
+    assert (tmp_path / "runs" / "pilot" / "eval" / "report.md").is_file()

@@ -212,11 +212,19 @@ def build_vlm(
             torch.manual_seed(cfg.init_seed)
             model = Qwen3VLForConditionalGeneration(hf_cfg)
     else:
-        with torch.device("meta"):
-            model = Qwen3VLForConditionalGeneration(hf_cfg)
-        model.load_state_dict(_read_vlm_tensors(Path(folder)), assign=True, strict=True)
-        model.model.language_model.rotary_emb.__init__(model.config.text_config)  # meta buffers -> real
-        model.model.visual.rotary_pos_emb.__init__(cfg.vision.hidden_size // cfg.vision.num_heads // 2)
+        # transformers' own loader builds on the meta device and fills weights and RoPE buffers.
+        tensors = _read_vlm_tensors(Path(folder))
+        model, loading = Qwen3VLForConditionalGeneration.from_pretrained(
+            None, config=hf_cfg, state_dict=tensors, dtype=dtype, output_loading_info=True
+        )
+        del tensors
+        for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+            problems = sorted(map(str, loading.get(kind) or []))
+            if problems:
+                what = kind.replace("_", " ")[:-1]
+                raise UserError(
+                    f"{folder}: VLM {what} {problems[0]} ({len(problems)} in all): checkpoint of another architecture"
+                )
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -323,7 +331,8 @@ class FrozenVLM:
         """Sample chain-of-causation text (top_p 0.98, T 0.6) until <|traj_future_start|>."""
         stop = self.prompt.ids["<|traj_future_start|>"]
         traj = range(self.cfg.traj_token_start_idx, self.cfg.traj_token_start_idx + self.cfg.traj_vocab_size)
-        with torch.random.fork_rng(devices=[] if self.device == "cpu" else [self.device]):
+        cuda = [] if self.device == "cpu" else [torch.device(self.device).index or 0]
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             out = self.model.generate(
                 input_ids=ids,
