@@ -28,9 +28,8 @@ from alpamayo_cache.data.samples import load_sample
 from alpamayo_cache.data.source import open_source
 from alpamayo_cache.data.synthetic import write_dataset
 from alpamayo_cache.model import flow_matching as fm
-from alpamayo_cache.model.expert import Prefix
 from alpamayo_cache.model.head import init_head
-from alpamayo_cache.model.vlm import FrozenVLM
+from alpamayo_cache.model.vlm import FrozenVLM, stack_prefixes
 from alpamayo_cache.precompute import PrecomputeConfig
 from alpamayo_cache.precompute import run as precompute
 from alpamayo_cache.runtime import compute_dtype
@@ -38,7 +37,7 @@ from alpamayo_cache.store.dataset import collate
 from alpamayo_cache.store.reader import StoreReader
 
 
-def head_step(head, optimizer, prefix: Prefix, action: torch.Tensor, generator: torch.Generator) -> float:
+def head_step(head, optimizer, prefix, action: torch.Tensor, generator: torch.Generator) -> float:
     pair = fm.make_pair(action, generator=generator)
     loss = fm.loss(pair, head(pair.noisy_x, pair.timesteps, prefix))
     optimizer.zero_grad(set_to_none=True)
@@ -90,21 +89,18 @@ def main() -> None:
             for k in range(0, len(ids) - args.batch + 1, args.batch):
                 yield list(range(k, k + args.batch))
 
+    def vlm_step(samples, idx: list[int]) -> None:
+        """The seed approach's step: frozen VLM forward on every sample, then the head step."""
+        prefix = stack_prefixes([vlm.encode(s.images, s.hist_xyz, "traj-only") for s in samples])
+        action = torch.stack([reader.read(ids[i]).action for i in idx]).to(args.device)
+        head_step(head, optimizer, prefix.to(args.device, dtype), action, g)
+
     def seed_loop(n: int) -> float:
         it = batches()
         start = time.perf_counter()
         for _ in range(n):
             idx = next(it)
-            loaded = [load_sample(source, specs[i], model) for i in idx]
-            encoded = [vlm.encode(s.images, s.hist_xyz, "traj-only") for s in loaded]
-            prefix = Prefix(
-                keys=torch.stack([e.keys for e in encoded], dim=1),
-                values=torch.stack([e.values for e in encoded], dim=1),
-                rope_deltas=torch.tensor([e.rope_delta for e in encoded]),
-                lengths=torch.tensor([e.length for e in encoded]),
-            ).to(args.device, dtype)
-            action = torch.stack([reader.read(ids[i]).action for i in idx]).to(args.device)
-            head_step(head, optimizer, prefix, action, g)
+            vlm_step([load_sample(source, specs[i], model) for i in idx], idx)
         return n * args.batch / (time.perf_counter() - start)
 
     def cached_loop(n: int) -> float:
@@ -120,15 +116,7 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(n):
             idx = next(it)
-            encoded = [vlm.encode(frames[i].images, frames[i].hist_xyz, "traj-only") for i in idx]
-            prefix = Prefix(
-                keys=torch.stack([e.keys for e in encoded], dim=1),
-                values=torch.stack([e.values for e in encoded], dim=1),
-                rope_deltas=torch.tensor([e.rope_delta for e in encoded]),
-                lengths=torch.tensor([e.length for e in encoded]),
-            ).to(args.device, dtype)
-            action = torch.stack([reader.read(ids[i]).action for i in idx]).to(args.device)
-            head_step(head, optimizer, prefix, action, g)
+            vlm_step([frames[i] for i in idx], idx)
         return n * args.batch / (time.perf_counter() - start)
 
     loops = {"cached": cached_loop, "online": online_loop, "seed": seed_loop}

@@ -19,9 +19,8 @@ from alpamayo_cache.config import TINY
 from alpamayo_cache.data.samples import load_sample
 from alpamayo_cache.data.source import open_source
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.model.expert import Prefix
 from alpamayo_cache.model.head import init_head
-from alpamayo_cache.model.vlm import FrozenVLM
+from alpamayo_cache.model.vlm import FrozenVLM, stack_prefixes
 from alpamayo_cache.precompute import run
 from alpamayo_cache.store import layout as L
 from alpamayo_cache.store.dataset import collate
@@ -64,9 +63,7 @@ def test_cached_features_give_bitwise_the_same_expert_output(tiny_store, synthet
     sample = load_sample(source, SampleSpec(info.clip_id, info.t0_us, info.camera_set, info.split), TINY)
     vlm = FrozenVLM(TINY, None, None, "cpu", torch.float32)
     enc = vlm.encode(sample.images, sample.hist_xyz, "traj-only")
-    online = Prefix(
-        enc.keys[:, None], enc.values[:, None], torch.tensor([enc.rope_delta]), torch.tensor([enc.length])
-    )
+    online = stack_prefixes([enc])
     cached = collate([reader.read(sample_id)]).prefix
     head = init_head(TINY).eval()
     x = torch.randn(1, 64, 2, generator=torch.Generator().manual_seed(0))

@@ -24,7 +24,7 @@ import torch
 
 from alpamayo_cache.config import ModelConfig
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.model.expert import hf_text_config
+from alpamayo_cache.model.expert import Prefix, hf_text_config
 
 SYSTEM = "You are a driving assistant that generates safe and accurate actions."
 USER_TEXT = {
@@ -257,6 +257,16 @@ class EncodedPrefix:
     rope_delta: int
     length: int
     reasoning: str = ""
+
+
+def stack_prefixes(encoded: list[EncodedPrefix]) -> Prefix:
+    """Batch freshly encoded prefixes of equal length the way the store's collate does."""
+    return Prefix(
+        keys=torch.stack([e.keys for e in encoded], dim=1),
+        values=torch.stack([e.values for e in encoded], dim=1),
+        rope_deltas=torch.tensor([e.rope_delta for e in encoded]),
+        lengths=torch.tensor([e.length for e in encoded]),
+    )
 
 
 def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
