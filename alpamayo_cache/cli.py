@@ -73,7 +73,7 @@ def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the dataset into (as a hub cache).")] = Path(
         "cache_store/synthetic-data"
     ),
-    clips: int = 24,
+    clips: int = 48,
     seed: int = 0,
     fault: Annotated[
         list[str] | None,
@@ -232,7 +232,7 @@ def pipeline(
     ] = None,
     camera_set: Annotated[list[str] | None, typer.Option(help="Camera sets to cache (repeatable).")] = None,
     limit: int | None = None,
-    steps: int = 500,
+    steps: int = 600,
     train_scope: Annotated[str, typer.Option("--train")] = "all",
     device: str = "auto",
     pilot: Annotated[

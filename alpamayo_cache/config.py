@@ -182,7 +182,9 @@ REAL = ModelConfig(
 
 # The tiny preset's vocabulary is built offline by model/tokenizer.py; its size is fixed there and
 # checked at load time (see model.vlm.build_tiny_tokenizer).
-TINY_VOCAB_SIZE = 1_280  # 256 bytes + 15 special tokens + 1000 trajectory tokens, rounded up
+TINY_VOCAB_SIZE = (
+    1_296  # 256 bytes + 7 Qwen specials + 1000 trajectory tokens + 28 Alpamayo specials, rounded up
+)
 
 TINY = ModelConfig(
     name="tiny",
@@ -209,7 +211,7 @@ TINY = ModelConfig(
     image_size=(64, 96),
     cameras=ALL_CAMERAS,
     frames_per_camera=2,
-    traj_token_start_idx=271,
+    traj_token_start_idx=263,
     traj_vocab_size=1000,
 )
 

@@ -25,7 +25,7 @@ class PipelineConfig:
     keyframes: str | None = None
     camera_sets: tuple[str, ...] = ("default",)
     limit: int | None = None
-    steps: int = 500
+    steps: int = 600
     scope: str = "all"
     device: str = "auto"
     pilot: bool = False

@@ -66,7 +66,7 @@ class PrecomputeConfig:
     revision: str | None = None
     rank: int | None = None
     world_size: int | None = None
-    synthetic_clips: int = 24
+    synthetic_clips: int = 48
     synthetic_dir: Path = Path("cache_store/synthetic-data")
     seed: int = 0
     max_reasoning_tokens: int = 32

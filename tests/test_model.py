@@ -120,3 +120,16 @@ def test_run_checkpoint_roundtrip(tmp_path):
     assert cfg == TINY
     assert torch.equal(loaded.action_out_proj.bias, torch.full((2,), 0.25))
     assert torch.equal(loaded.expert.norm.weight, init_head(TINY).expert.norm.weight)
+
+
+def test_tokenizer_extension_follows_the_release_order():
+    from alpamayo_cache.model.vlm import ALPAMAYO_SPECIALS, QWEN_SPECIALS, build_tiny_tokenizer
+
+    assert len(ALPAMAYO_SPECIALS) == 28 and len(set(ALPAMAYO_SPECIALS)) == 28
+    assert REAL.traj_token_start_idx + REAL.traj_vocab_size + len(ALPAMAYO_SPECIALS) == REAL.text.vocab_size
+    tok = build_tiny_tokenizer(TINY)
+    base = 256 + len(QWEN_SPECIALS)
+    assert tok.convert_tokens_to_ids("<i0>") == base == TINY.traj_token_start_idx
+    assert tok.convert_tokens_to_ids(f"<i{TINY.traj_vocab_size - 1}>") == base + TINY.traj_vocab_size - 1
+    assert tok.convert_tokens_to_ids(ALPAMAYO_SPECIALS) == list(range(base + TINY.traj_vocab_size, len(tok)))
+    assert len(tok) <= TINY.text.vocab_size

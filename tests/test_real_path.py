@@ -29,8 +29,8 @@ from tests.conftest import precompute_cfg
 
 CONFIG = {
     "model_type": "alpamayo_r1",
-    "vocab_size": 1280,
-    "traj_token_start_idx": 271,
+    "vocab_size": 1296,
+    "traj_token_start_idx": 263,
     "traj_vocab_size": 1000,
     "expert_non_causal_attention": True,
     "text_config": {

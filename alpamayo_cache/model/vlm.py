@@ -40,15 +40,24 @@ QWEN_SPECIALS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-TRAJ_SPECIALS = [
+# The 28 special tokens Alpamayo-R1 appends after its 4,000 trajectory tokens, in id order
+# (151,669 + 4,000 + 28 = the released vocabulary of 155,697). Their order fixes their ids.
+ALPAMAYO_SPECIALS = [
+    f"<|{name}|>"
+    for name in (
+        "prompt_start", "prompt_end", "image_start", "image_pre_tkn", "image_end", "traj_history_start",
+        "traj_history_pre_tkn", "traj_history_end", "cot_start", "cot_end", "meta_action_start", "meta_action_end",
+        "traj_future_start", "traj_future_pre_tkn", "traj_future_end", "traj_history", "traj_future",
+        "vectorized_wm", "vectorized_wm_start", "vectorized_wm_end", "vectorized_wm_pre_tkn", "route_start",
+        "route_pad", "route_end", "question_start", "question_end", "answer_start", "answer_end",
+    )
+]  # fmt: skip
+PROMPT_SPECIALS = [
     "<|traj_history_start|>",
     "<|traj_history_end|>",
     "<|traj_history|>",
     "<|traj_future_start|>",
-    "<|traj_future_end|>",
-    "<|traj_future|>",
     "<|cot_start|>",
-    "<|cot_end|>",
 ]
 HISTORY_TOKENS_PER_POSE = 3  # dx, dy, dz
 # Delta tokenizer range for history steps (metres): x, y in [-4, 4], z in [-10, 10].
@@ -56,8 +65,21 @@ DELTA_MIN = np.array([-4.0, -4.0, -10.0])
 DELTA_MAX = np.array([4.0, 4.0, 10.0])
 
 
+def extend_tokenizer(tok, cfg: ModelConfig) -> None:
+    """Add the trajectory tokens <i0>.. and then Alpamayo's special tokens, as the release does."""
+    vocab = tok.get_vocab()
+    if "<i0>" not in vocab:
+        tok.add_tokens([f"<i{i}>" for i in range(cfg.traj_vocab_size)], special_tokens=True)
+    missing = [t for t in ALPAMAYO_SPECIALS if t not in vocab]
+    if missing:
+        tok.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_additional_special_tokens=False
+        )
+
+
 def build_tiny_tokenizer(cfg: ModelConfig):
-    """A byte-level tokenizer built offline with the Qwen and trajectory special tokens."""
+    """A byte-level tokenizer built offline: 256 bytes, Qwen's special tokens, then the release's
+    extension (trajectory tokens, Alpamayo special tokens) in the release's order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
@@ -68,8 +90,8 @@ def build_tiny_tokenizer(cfg: ModelConfig):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS + TRAJ_SPECIALS})
-    tok.add_tokens([f"<i{i}>" for i in range(cfg.traj_vocab_size)], special_tokens=True)
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    extend_tokenizer(tok, cfg)
     _check_tokenizer(tok, cfg)
     return tok
 
@@ -97,11 +119,10 @@ def load_tokenizer(cfg: ModelConfig, folder: Path | None):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    missing = [t for t in QWEN_SPECIALS + TRAJ_SPECIALS if t not in tok.get_vocab()]
+    missing = [t for t in QWEN_SPECIALS if t not in tok.get_vocab()]
     if missing:
-        tok.add_special_tokens({"additional_special_tokens": missing})
-    if "<i0>" not in tok.get_vocab():
-        tok.add_tokens([f"<i{i}>" for i in range(cfg.traj_vocab_size)], special_tokens=True)
+        raise UserError(f"tokenizer in {folder} lacks {missing[0]}: it is not a Qwen3-VL tokenizer")
+    extend_tokenizer(tok, cfg)
     _check_tokenizer(tok, cfg)
     return tok
 
@@ -119,7 +140,7 @@ class PromptBuilder:
     def __init__(self, tokenizer, cfg: ModelConfig) -> None:
         self.tok = tokenizer
         self.cfg = cfg
-        self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS + TRAJ_SPECIALS}
+        self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS + PROMPT_SPECIALS}
 
     def _text(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
