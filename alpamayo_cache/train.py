@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -413,7 +413,7 @@ def _write_run_config(
     run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, init: str, described: str
 ) -> None:
     payload = {
-        "train": json.loads(json.dumps(asdict(replace(cfg)), default=str)),
+        "train": json.loads(json.dumps(asdict(cfg), default=str)),
         "model": model_cfg.to_dict(),
         "init": init,
         "init_described": described,

@@ -35,8 +35,6 @@ def load_head(spec: str, attention: str | None = None) -> tuple[TrajectoryHead, 
             load_released(head, Path(base))
         load_into(head, tensors, str(path), partial=True)
         return head, cfg, f"checkpoint {path}"
-    if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "config.json").is_file():
-        return load_head(str(path / "model.safetensors"), attention)
     cfg = resolve_model(spec)
     head = init_head(cfg, attention)
     if path.is_dir():
