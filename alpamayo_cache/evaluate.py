@@ -22,7 +22,7 @@ from alpamayo_cache.errors import UserError
 from alpamayo_cache.model import flow_matching as fm
 from alpamayo_cache.model.action_space import UnicycleActionSpace
 from alpamayo_cache.model.head import load_head
-from alpamayo_cache.runtime import compute_dtype, log, progress, resolve_device
+from alpamayo_cache.runtime import autocast, compute_dtype, log, progress, resolve_device
 from alpamayo_cache.store.dataset import CachedFeatures, collate, epoch_batches
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.train import check_head_matches_store, resolve_init
@@ -63,6 +63,14 @@ class EvalConfig:
             raise UserError("--num-samples and --num-steps must be at least 1")
 
 
+def run_folder_of(path: Path) -> Path | None:
+    """The training-run folder (the one holding checkpoints/) that ``path`` is or lies in."""
+    for folder in (path, *path.parents):
+        if (folder / "checkpoints").is_dir():
+            return folder
+    return None
+
+
 def resolve_checkpoint(spec: str) -> str:
     """A run folder means its latest checkpoint's head file."""
     path = Path(spec)
@@ -80,10 +88,9 @@ def default_out_dir(cfg: EvalConfig) -> Path:
     if cfg.out_dir is not None:
         return Path(cfg.out_dir)
     if cfg.checkpoints:
-        path = Path(resolve_checkpoint(cfg.checkpoints[0])).resolve()
-        for parent in path.parents:
-            if (parent / "checkpoints").is_dir():
-                return parent / "eval"
+        run_folder = run_folder_of(Path(resolve_checkpoint(cfg.checkpoints[0])).resolve())
+        if run_folder is not None:
+            return run_folder / "eval"
     return Path("runs") / "eval"
 
 
@@ -130,11 +137,7 @@ def predict(
         noise = torch.cat([sample_noise(s, cfg.seed, k, w) for s in batch.sample_ids]).to(device)
 
         def velocity(x, t, prefix=prefix):
-            with (
-                torch.autocast("cuda", dtype=dtype)
-                if device.startswith("cuda")
-                else torch.autocast("cpu", enabled=False)
-            ):
+            with autocast(device, dtype):
                 return head(x, t, prefix).float()
 
         actions = fm.euler_sample(velocity, noise, cfg.num_steps).cpu()
@@ -221,9 +224,9 @@ def run(cfg: EvalConfig) -> dict:
 
 def _model_name(spec: str, index: int) -> str:
     path = Path(spec)
-    for parent in (path, *path.parents):
-        if (parent / "checkpoints").is_dir():
-            return parent.name
+    run_folder = run_folder_of(path)
+    if run_folder is not None:
+        return run_folder.name
     return path.stem if path.suffix else f"model{index + 1}"
 
 

@@ -131,17 +131,14 @@ def select_clips(all_ids: list[str], cfg: PrecomputeConfig, rank: int, world: in
     return ids[rank::world]
 
 
-def expected_prefix_length(
-    model: ModelConfig, camera_set_name: str, mode: str, tokenizer_folder: Path | None
-) -> int:
+def expected_prefix_length(model: ModelConfig, camera_set_name: str, mode: str, tokenizer) -> int:
     """Prompt tokens L of one sample (exact for traj-only; reasoning adds its sampled text)."""
-    from alpamayo_cache.model.vlm import PromptBuilder, load_tokenizer
+    from alpamayo_cache.model.vlm import PromptBuilder
 
     h, w = model.image_size
     merged = model.vision.patch_size * model.vision.spatial_merge_size
     per_image = (h // merged) * (w // merged)
     n_images = len(camera_set(camera_set_name, model.cameras).cameras) * model.frames_per_camera
-    tokenizer = load_tokenizer(model, tokenizer_folder)
     history = np.zeros((model.history_steps, 3))
     return len(PromptBuilder(tokenizer, model).build([per_image] * n_images, history, mode))
 
@@ -171,9 +168,11 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
     )
     model_folder = Path(cfg.model) if Path(cfg.model).is_dir() else None
     tokenizer_folder = cfg.tokenizer or model_folder
+    from alpamayo_cache.model.vlm import load_tokenizer
+
+    tokenizer = load_tokenizer(model, tokenizer_folder)  # loaded once for the plan
     lengths = {
-        name: expected_prefix_length(model, name, cfg.prompt_mode, tokenizer_folder)
-        for name in cfg.camera_sets
+        name: expected_prefix_length(model, name, cfg.prompt_mode, tokenizer) for name in cfg.camera_sets
     }
     result = PrecomputeResult(store=Path(cfg.store), planned=len(specs))
     store_root = Path(cfg.store)

@@ -49,6 +49,13 @@ def compute_dtype(device: str, requested: str = "auto") -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[requested]
 
 
+def autocast(device: str, dtype: torch.dtype):
+    """bf16 autocast on CUDA; a disabled context on CPU (fp32 there)."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 

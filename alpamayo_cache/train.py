@@ -23,7 +23,7 @@ from alpamayo_cache.model import flow_matching as fm
 from alpamayo_cache.model.expert import TrajectoryHead
 from alpamayo_cache.model.head import load_head
 from alpamayo_cache.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
-from alpamayo_cache.runtime import compute_dtype, log, progress, resolve_device
+from alpamayo_cache.runtime import autocast, compute_dtype, log, progress, resolve_device
 from alpamayo_cache.store.dataset import Batch, CachedFeatures, collate, epoch_batches
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.train_state import (
@@ -212,11 +212,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     train_set = CachedFeatures(cfg.store, train_ids)
     val_set = CachedFeatures(cfg.store, val_ids) if val_ids else None
     batches = _batch_stream(train_set, cfg, state, device, rank, world)
-    autocast = (
-        torch.autocast("cuda", dtype=dtype)
-        if device.startswith("cuda")
-        else torch.autocast("cpu", enabled=False)
-    )
+    amp = autocast(device, dtype)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
@@ -232,7 +228,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         step_loss, n_samples = 0.0, 0
         for _ in range(cfg.grad_accum):
             batch = next(batches)
-            with autocast:
+            with amp:
                 loss = training_loss(model, batch, state.noise_generator, device, dtype)
             (loss / cfg.grad_accum).backward()
             step_loss += _mean_over_ranks(loss.detach(), world) / cfg.grad_accum
@@ -333,11 +329,7 @@ def validation_loss(
     for idx in epoch_batches(dataset.lengths, cfg.micro_batch, seed=0, epoch=0, shuffle=False):
         batch = collate([dataset[i] for i in idx])
         for _ in range(cfg.val_draws):
-            with (
-                torch.autocast("cuda", dtype=dtype)
-                if device.startswith("cuda")
-                else torch.autocast("cpu", enabled=False)
-            ):
+            with autocast(device, dtype):
                 loss = training_loss(head, batch, g, device, dtype)
             total += loss.item() * len(idx)
             count += len(idx)
