@@ -133,12 +133,16 @@ def test_bad_training_inputs(tiny_store, tmp_path):
 
 def test_ddp_on_two_cpu_ranks_trains_and_checkpoints(tiny_store, tmp_path):
     """The same code path under torchrun (gloo on CPU): both ranks step in lockstep, rank 0 writes."""
+    import socket
     import subprocess
     import sys
 
+    with socket.socket() as sock:  # a free port: a fixed one can still be held from an earlier run
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     run_dir = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
         "-m", "alpamayo_cache", "train", str(tiny_store), "--run-dir", str(run_dir), "--device", "cpu",
         "--steps", "4", "--micro-batch", "2", "--set", "save_every=2",
     ]  # fmt: skip
