@@ -2,9 +2,15 @@
 
 It is laid out as a Hugging Face hub cache (``datasets--nvidia--PhysicalAI-Autonomous-Vehicles/
 snapshots/<revision>/``) so the real dev kit reads it unchanged offline; the snapshot folder itself is
-also a valid plain-folder copy. Clips drive straight or through left/right curves of several
-sharpnesses; each camera video renders a road whose lane lines follow the path actually driven next,
-seen from that camera's mounting yaw, so the images carry the information the expert needs.
+also a valid plain-folder copy. ``write_clip_folder`` writes the same clips in the own-clips format
+(docs/CLIPS.md) instead.
+
+Clips drive straight or through left/right curves of several sharpnesses. Each clip carries a camera
+calibration in the dataset's format (f-theta intrinsics per camera, camera -> rig extrinsics; slightly
+different per clip, as per vehicle), and every frame is rendered THROUGH the dev kit's camera model with
+that calibration: the lane lines and road edges along the path actually driven next are projected with
+``FThetaCameraModel.ray2pixel`` after the rig -> camera transform, and the sky/road split is where each
+pixel's ray (``pixel2ray``) points above or below the horizon. Images and calibration agree exactly.
 
 Faults can be injected per clip (missing camera, corrupt video, too short, NaN egomotion) to test how
 bad input is handled.
@@ -24,17 +30,36 @@ import numpy as np
 import pandas as pd
 
 from alpamayo_cache.config import ALL_CAMERAS
-from alpamayo_cache.data.source import CACHE_REPO_DIR, EGOMOTION
+from alpamayo_cache.data.source import (
+    CACHE_REPO_DIR,
+    CAMERA_INTRINSICS,
+    EGOMOTION,
+    EXTRINSICS_COLUMNS,
+    INTRINSICS_COLUMNS,
+    SENSOR_EXTRINSICS,
+    Calibration,
+)
+from alpamayo_cache.errors import UserError
 
+GENERATOR_VERSION = 2  # 2: calibration features; frames rendered through the dev kit's camera model
 FPS = 10
 EGO_HZ = 20
-# Mounting yaw (rad, left positive) and focal length (in image widths) of each camera.
-CAMERA_RIGS = {
-    "camera_cross_left_120fov": (math.radians(60), 0.35),
-    "camera_front_wide_120fov": (0.0, 0.35),
-    "camera_cross_right_120fov": (math.radians(-60), 0.35),
-    "camera_front_tele_30fov": (0.0, 1.8),
+PATH_HZ = 100  # drive() integrates at 100 Hz
+AHEAD = 600  # path samples drawn ahead of the car: the next 6 s of driving
+# Camera mounts: yaw (deg, left +), pitch (deg, down +), position in the rig frame (m), and lens: half the
+# horizontal field of view (deg) and the f-theta cubic term relative to the linear one (barrel).
+CAMERA_RIGS: dict[str, tuple[float, float, tuple[float, float, float], float, float]] = {
+    "camera_cross_left_120fov": (60.0, 10.0, (2.0, 0.9, 1.35), 60.0, -0.04),
+    "camera_front_wide_120fov": (0.0, 10.0, (1.75, 0.0, 1.45), 60.0, -0.04),
+    "camera_cross_right_120fov": (-60.0, 10.0, (2.0, -0.9, 1.35), 60.0, -0.04),
+    "camera_front_tele_30fov": (0.0, 3.0, (1.75, 0.1, 1.45), 15.0, 0.0),
 }
+DEFAULT_RIG = CAMERA_RIGS["camera_front_wide_120fov"]  # any other camera name looks ahead like the wide one
+# Optical frame (x right, y down, z out of the lens) -> rig frame (x forward, y left, z up); columns are
+# the optical axes in rig coordinates.
+OPTICAL_TO_RIG = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+SKY, ROAD = (150, 190, 235), (70, 70, 75)
+LANES = ((1.75, (240, 240, 240)), (-1.75, (240, 240, 240)), (5.25, (230, 200, 60)), (-5.25, (230, 200, 60)))
 FAULTS = ("missing_camera", "corrupt_video", "short", "nan_egomotion")
 
 
@@ -48,8 +73,10 @@ class ClipPlan:
     fault: str | None = None
 
 
-def revision_for(seed: int) -> str:
-    return hashlib.sha1(f"alpamayo-cache-synthetic-{seed}".encode()).hexdigest()
+def revision_for(seed: int, **params: object) -> str:
+    """The snapshot revision: a hash of everything that shapes the files, so changed arguments regenerate."""
+    key = json.dumps({"version": GENERATOR_VERSION, "seed": seed, **params}, sort_keys=True, default=str)
+    return hashlib.sha1(f"alpamayo-cache-synthetic-{key}".encode()).hexdigest()
 
 
 def plan_clips(n_clips: int, seed: int = 0, faults: dict[str, str] | None = None) -> list[ClipPlan]:
@@ -106,9 +133,9 @@ def drive(plan: ClipPlan, hz: int = 100) -> dict[str, np.ndarray]:
     return {"t": t, "x": x, "y": y, "yaw": yaw, "speed": speed, "accel": accel, "curvature": curvature}
 
 
-def _egomotion_parquet(path_: dict[str, np.ndarray], fault: str | None) -> bytes:
-    step = int(100 / EGO_HZ)
-    sel = slice(None, None, step)
+def egomotion_table(path_: dict[str, np.ndarray], fault: str | None) -> pd.DataFrame:
+    """The dataset's egomotion table at 20 Hz: rig -> world pose, velocity, acceleration, curvature."""
+    sel = slice(None, None, PATH_HZ // EGO_HZ)
     yaw = path_["yaw"][sel]
     speed = path_["speed"][sel]
     df = pd.DataFrame(
@@ -116,7 +143,7 @@ def _egomotion_parquet(path_: dict[str, np.ndarray], fault: str | None) -> bytes
             "timestamp": np.round(path_["t"][sel] * 1e6).astype(np.int64),
             "x": path_["x"][sel],
             "y": path_["y"][sel],
-            "z": np.full_like(yaw, 0.5),
+            "z": np.full_like(yaw, 0.5),  # the road is the plane z = 0.5 of this world frame
             "qx": np.zeros_like(yaw),
             "qy": np.zeros_like(yaw),
             "qz": np.sin(yaw / 2),
@@ -132,48 +159,98 @@ def _egomotion_parquet(path_: dict[str, np.ndarray], fault: str | None) -> bytes
     )
     if fault == "nan_egomotion":
         df.loc[len(df) // 2 : len(df) // 2 + 3, ["x", "y"]] = np.nan
+    return df
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
     df.to_parquet(buf)
     return buf.getvalue()
 
 
-def render_frame(path_: dict[str, np.ndarray], t_s: float, camera: str, size: tuple[int, int]) -> np.ndarray:
-    """Road seen by ``camera`` at time ``t_s``: lane lines along the next ~40 m of the driven path."""
+def clip_calibration(clip_id: str, cameras: tuple[str, ...], size: tuple[int, int]) -> Calibration:
+    """The clip's camera calibration: the nominal rigs plus small per-vehicle tolerances (deterministic)."""
+    from scipy.spatial.transform import Rotation
+
+    from alpamayo_cache.data.clip_folder import ftheta_row
+
     h, w = size
-    img = np.empty((h, w, 3), dtype=np.uint8)
-    horizon = h // 3
-    img[:horizon] = (150, 190, 235)  # sky
-    img[horizon:] = (70, 70, 75)  # asphalt
-    mount_yaw, focal = CAMERA_RIGS.get(camera, (0.0, 0.35))
-    f = focal * w
-    i0 = int(round(t_s * 100))
-    ahead = slice(i0, min(i0 + 600, len(path_["t"])))
-    cx, cy, cyaw = path_["x"][i0], path_["y"][i0], path_["yaw"][i0]
-    px, py, pyaw = path_["x"][ahead], path_["y"][ahead], path_["yaw"][ahead]
-    for offset, colour in (
-        (1.75, (240, 240, 240)),
-        (-1.75, (240, 240, 240)),
-        (5.25, (230, 200, 60)),
-        (-5.25, (230, 200, 60)),
-    ):
-        lx = px - offset * np.sin(pyaw) - cx
-        ly = py + offset * np.cos(pyaw) - cy
-        # Into the camera frame: ego yaw, then the camera's mounting yaw.
-        ang = cyaw + mount_yaw
-        fwd = np.cos(ang) * lx + np.sin(ang) * ly
-        lat = -np.sin(ang) * lx + np.cos(ang) * ly
-        keep = fwd > 1.0
-        u = (w / 2 - f * lat[keep] / fwd[keep]).astype(int)
-        v = (horizon + f * 1.5 / fwd[keep]).astype(int)
-        ok = (u >= 0) & (u < w - 1) & (v >= horizon) & (v < h - 1)
-        u, v = u[ok], v[ok]
-        for du in (0, 1):
-            for dv in (0, 1):
-                img[v + dv, u + du] = colour
-    return img
+    rng = np.random.default_rng(int(hashlib.md5(f"calibration-{clip_id}".encode()).hexdigest()[:8], 16))
+    intrinsics, extrinsics = {}, {}
+    for cam in cameras:
+        yaw, pitch, (x, y, z), half_fov, cubic = CAMERA_RIGS.get(cam, DEFAULT_RIG)
+        jitter = rng.uniform(
+            -1.0, 1.0, 5
+        )  # mounting yaw/pitch (0.5 deg), height (3 cm), focal (1%), cx (0.5 px)
+        theta = math.radians(half_fov)
+        k1 = (w / 2) / (theta + cubic * theta**3) * (1.0 + 0.01 * jitter[3])  # px per rad on the axis
+        intrinsics[cam] = ftheta_row(w, h, w / 2 + 0.5 * jitter[4], h / 2, [0.0, k1, 0.0, cubic * k1, 0.0])
+        rotation = (
+            Rotation.from_euler("z", yaw + 0.5 * jitter[0], degrees=True)
+            * Rotation.from_euler("y", pitch + 0.5 * jitter[1], degrees=True)  # +y pitches the lens down
+            * Rotation.from_matrix(OPTICAL_TO_RIG)
+        )
+        pose = [*rotation.as_quat(canonical=True), x, y, z + 0.03 * jitter[2]]
+        extrinsics[cam] = dict(zip(EXTRINSICS_COLUMNS, map(float, pose), strict=True))
+    return Calibration(intrinsics, extrinsics)
 
 
-def _encode_video(frames: list[np.ndarray]) -> bytes:
+def lane_points(path_: dict[str, np.ndarray], n_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lane lines (+-1.75 m) and road edges (+-5.25 m) along the next 6 s of the driven path, for frames
+    at t = k / FPS: (rig-frame points [n, 3] on the ground (z = 0) at each frame's time, frame [n], lane [n]).
+    """
+    n_path = len(path_["t"])
+    now = np.minimum(np.round(np.arange(n_frames) * PATH_HZ / FPS).astype(int), n_path - 1)
+    ahead = now[:, None] + np.arange(AHEAD)[None, :]  # [f, a] path indices
+    frame, step = np.nonzero(ahead < n_path)  # the path ends with the clip
+    idx, here = ahead[frame, step], now[frame]
+    offset = np.array([o for o, _ in LANES])[:, None]  # [lanes, 1] metres to the left of the path
+    dx = path_["x"][idx] - offset * np.sin(path_["yaw"][idx]) - path_["x"][here]  # [lanes, n] world frame
+    dy = path_["y"][idx] + offset * np.cos(path_["yaw"][idx]) - path_["y"][here]
+    c, s = np.cos(path_["yaw"][here]), np.sin(path_["yaw"][here])
+    rig = np.stack([c * dx + s * dy, -s * dx + c * dy, np.zeros_like(dx)], axis=-1).reshape(-1, 3)
+    lane = np.repeat(np.arange(len(LANES)), len(idx))
+    return rig, np.tile(frame, len(LANES)), lane
+
+
+def render_camera(
+    points: tuple[np.ndarray, np.ndarray, np.ndarray], camera: str, calibration: Calibration, n_frames: int
+) -> np.ndarray:
+    """One camera's frames, uint8 [n_frames, H, W, 3], drawn through the dev kit's camera model.
+
+    Sky where a pixel's ray (``pixel2ray``, rotated into the rig frame) points above the horizon, road
+    below; the ``lane_points`` go rig -> camera (inverse extrinsics) -> pixels (``ray2pixel``) as 2x2 dots.
+    """
+    from alpamayo_cache.data.clip_folder import corner_radius
+
+    model = calibration.camera_model(camera)
+    to_rig = calibration.sensor_pose(camera)  # camera -> rig
+    h, w = int(model.height), int(model.width)
+    v, u = np.mgrid[0:h, 0:w]
+    centres = np.stack([u + 0.5, v + 0.5], axis=-1).reshape(-1, 2).astype(np.float64)  # pixel k: [k, k+1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        up = to_rig.rotation.apply(np.nan_to_num(model.pixel2ray(centres)))[:, 2] > 0
+    frames = np.empty((n_frames, h, w, 3), dtype=np.uint8)
+    frames[:] = np.where(up.reshape(h, w, 1), np.array(SKY, np.uint8), np.array(ROAD, np.uint8))
+
+    rig, frame, lane = points
+    cam = to_rig.inv().apply(rig)
+    theta = np.arctan2(np.hypot(cam[:, 0], cam[:, 1]), cam[:, 2])  # angle off the optical axis
+    theta_max = float(model.r2th(corner_radius(w, h, *model.principal_point)))  # calibrated range only
+    keep = theta <= theta_max
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pixels = model.ray2pixel(cam[keep])
+    col, row = (np.floor(np.nan_to_num(pixels[:, i], nan=-1.0)).astype(int) for i in (0, 1))
+    inside = (col >= 0) & (col < w - 1) & (row >= 0) & (row < h - 1)  # dots are 2 x 2 pixels
+    frame, col, row = frame[keep][inside], col[inside], row[inside]
+    colours = np.array([c for _, c in LANES], dtype=np.uint8)[lane[keep][inside]]
+    for du in (0, 1):
+        for dv in (0, 1):
+            frames[frame, row + dv, col + du] = colours
+    return frames
+
+
+def _encode_video(frames: np.ndarray) -> bytes:
     import av
 
     buf = io.BytesIO()
@@ -181,7 +258,15 @@ def _encode_video(frames: list[np.ndarray]) -> bytes:
     with av.open(buf, "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"g": str(FPS), "crf": "18"}
+        # mbtree off: with it x264 gave different bytes run to run for the same frames (~1 video in 4,
+        # threads or not); veryfast: ~40% less time than the default preset at about the same size.
+        stream.options = {
+            "g": str(FPS),
+            "crf": "18",
+            "preset": "veryfast",
+            "threads": "1",
+            "x264-params": "mbtree=0",
+        }
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 out.mux(packet)
@@ -190,10 +275,14 @@ def _encode_video(frames: list[np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _timestamps_parquet(n: int) -> bytes:
-    buf = io.BytesIO()
-    pd.DataFrame({"timestamp": (np.arange(n) * (1_000_000 // FPS)).astype(np.int64)}).to_parquet(buf)
-    return buf.getvalue()
+def _corrupt_video(i: int) -> bytes:
+    return b"\x00\x00\x00\x18ftypmp42" + bytes(
+        np.random.default_rng(i).integers(0, 256, 4096, dtype=np.uint8)
+    )
+
+
+def _frame_timestamps(plan: ClipPlan) -> np.ndarray:
+    return (np.arange(int(plan.duration_s * FPS) + 1) * (1_000_000 // FPS)).astype(np.int64)
 
 
 def _features_table(cameras: tuple[str, ...]) -> pd.DataFrame:
@@ -219,7 +308,32 @@ def _features_table(cameras: tuple[str, ...]) -> pd.DataFrame:
             "clip_files_in_zip": json.dumps({"egomotion": "{clip_id}.egomotion.parquet"}),
         }
     )
+    # Calibration features are per-chunk parquet tables (no zip members), as in the real features.csv.
+    for feature in (CAMERA_INTRINSICS, SENSOR_EXTRINSICS):
+        rows.append(
+            {
+                "feature": feature,
+                "directory": "calibration",
+                "chunk_path": f"calibration/{feature}/{feature}.chunk_{{chunk_id:04d}}.parquet",
+                "clip_files_in_zip": None,
+            }
+        )
     return pd.DataFrame(rows).set_index("feature")
+
+
+def _calibration_tables(calibrations: dict[str, Calibration]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows indexed (clip_id, camera_name) / (clip_id, sensor_name), the dataset's table layout."""
+    intr = [((clip, cam), row) for clip, cal in calibrations.items() for cam, row in cal.intrinsics.items()]
+    extr = [((clip, cam), row) for clip, cal in calibrations.items() for cam, row in cal.extrinsics.items()]
+    tables = []
+    for rows, name, columns in (
+        (intr, "camera_name", INTRINSICS_COLUMNS),
+        (extr, "sensor_name", EXTRINSICS_COLUMNS),
+    ):
+        index = pd.MultiIndex.from_tuples([k for k, _ in rows], names=["clip_id", name])
+        tables.append(pd.DataFrame([r for _, r in rows], index=index)[list(columns)])
+    tables[0] = tables[0].astype({"width": np.int64, "height": np.int64})
+    return tables[0], tables[1]
 
 
 def write_dataset(
@@ -232,42 +346,58 @@ def write_dataset(
     clips_per_chunk: int = 4,
 ) -> Path:
     """Write the dataset under ``out`` as a hub cache; returns the snapshot folder."""
-    revision = revision_for(seed)
+    revision = revision_for(
+        seed, n_clips=n_clips, cameras=list(cameras), size=list(size), faults=faults, chunk=clips_per_chunk
+    )
     repo = Path(out) / CACHE_REPO_DIR
     snap = repo / "snapshots" / revision
     if (snap / "clip_index.parquet").is_file():
         return snap  # already written (deterministic in its arguments)
     snap.mkdir(parents=True, exist_ok=True)
     plans = plan_clips(n_clips, seed, faults)
-    presence = {p.clip_id: {feat: True for feat in (*cameras, EGOMOTION)} for p in plans}
+    features = (*cameras, EGOMOTION, CAMERA_INTRINSICS, SENSOR_EXTRINSICS)
+    presence = {p.clip_id: {feat: True for feat in features} for p in plans}
     archives: dict[str, dict[str, bytes]] = {}
+    calibrations: dict[int, dict[str, Calibration]] = {}
     for i, plan in enumerate(plans):
         chunk = i // clips_per_chunk
         trajectory = drive(plan)
         ego_zip = f"labels/egomotion/egomotion.chunk_{chunk:04d}.zip"
-        archives.setdefault(ego_zip, {})[f"{plan.clip_id}.egomotion.parquet"] = _egomotion_parquet(
-            trajectory, plan.fault
+        archives.setdefault(ego_zip, {})[f"{plan.clip_id}.egomotion.parquet"] = _parquet_bytes(
+            egomotion_table(trajectory, plan.fault)
         )
-        n_frames = int(plan.duration_s * FPS) + 1
+        calibration = clip_calibration(plan.clip_id, cameras, size)
+        calibrations.setdefault(chunk, {})[plan.clip_id] = calibration
+        stamps = _frame_timestamps(plan)
+        points = lane_points(trajectory, len(stamps))
         for cam in cameras:
             if plan.fault == "missing_camera" and cam == cameras[0]:
                 presence[plan.clip_id][cam] = False
                 continue
             cam_zip = f"camera/{cam}/{cam}.chunk_{chunk:04d}.zip"
             if plan.fault == "corrupt_video" and cam == cameras[0]:
-                video = b"\x00\x00\x00\x18ftypmp42" + bytes(
-                    np.random.default_rng(i).integers(0, 256, 4096, dtype=np.uint8)
-                )
+                video = _corrupt_video(i)
             else:
-                video = _encode_video([render_frame(trajectory, k / FPS, cam, size) for k in range(n_frames)])
+                video = _encode_video(render_camera(points, cam, calibration, len(stamps)))
             archives.setdefault(cam_zip, {})[f"{plan.clip_id}.{cam}.mp4"] = video
-            archives[cam_zip][f"{plan.clip_id}.{cam}.timestamps.parquet"] = _timestamps_parquet(n_frames)
+            archives[cam_zip][f"{plan.clip_id}.{cam}.timestamps.parquet"] = _parquet_bytes(
+                pd.DataFrame({"timestamp": stamps})
+            )
     for rel, members in archives.items():
         target = snap / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf:
             for name, data in members.items():
-                zf.writestr(name, data)
+                zf.writestr(
+                    zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data
+                )  # same bytes every run
+    for chunk, by_clip in calibrations.items():
+        for feature, table in zip(
+            (CAMERA_INTRINSICS, SENSOR_EXTRINSICS), _calibration_tables(by_clip), strict=True
+        ):
+            target = snap / "calibration" / feature / f"{feature}.chunk_{chunk:04d}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            table.to_parquet(target)
     _features_table(cameras).to_csv(snap / "features.csv")
     (snap / "metadata").mkdir(exist_ok=True)
     ids = [p.clip_id for p in plans]
@@ -291,3 +421,73 @@ def write_dataset(
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snap
+
+
+def write_clip_folder(
+    out: Path,
+    n_clips: int = 12,
+    seed: int = 0,
+    cameras: tuple[str, ...] = ALL_CAMERAS,
+    size: tuple[int, int] = (96, 160),
+    faults: dict[str, str] | None = None,
+    image_format: str = "mp4",
+    table_format: str = "parquet",
+) -> Path:
+    """The same clips (plans, calibration, renders) in the own-clips format (docs/CLIPS.md); returns ``out``.
+
+    ``image_format``: mp4 (+ timestamps table) | png | jpg (a frame folder per camera);
+    ``table_format``: parquet | csv for the egomotion and timestamps tables.
+    """
+    from alpamayo_cache.data import clip_folder as cf
+
+    if image_format not in ("mp4", "png", "jpg") or table_format not in ("parquet", "csv"):
+        raise UserError(
+            f"clip folder formats: images mp4|png|jpg, tables parquet|csv (got {image_format}, {table_format})"
+        )
+    root = Path(out)
+    plans = plan_clips(n_clips, seed, faults)
+    if (root / cf.MANIFEST).is_file():  # written last: the folder is complete
+        if cf.read_manifest(root) != [p.clip_id for p in plans]:
+            raise UserError(
+                f"{root} already holds other clips: write the synthetic clips into an empty folder"
+            )
+        return root
+
+    def table(df: pd.DataFrame, stem: Path) -> None:
+        if table_format == "parquet":
+            df.to_parquet(stem.with_name(f"{stem.name}.parquet"), index=False)
+        else:  # 17 significant digits: floats read back bit-exact
+            df.to_csv(stem.with_name(f"{stem.name}.csv"), index=False, float_format="%.17g")
+
+    for i, plan in enumerate(plans):
+        folder = root / plan.clip_id
+        folder.mkdir(parents=True, exist_ok=True)
+        trajectory = drive(plan)
+        ego = egomotion_table(trajectory, plan.fault).rename(columns={"timestamp": "timestamp_us"})
+        table(ego[list(cf.EGO_REQUIRED)], folder / EGOMOTION)
+        calibration = clip_calibration(plan.clip_id, cameras, size)
+        (folder / cf.CALIBRATION_FILE).write_text(
+            json.dumps(cf.calibration_json(calibration), indent=1) + "\n"
+        )
+        stamps = _frame_timestamps(plan)
+        points = lane_points(trajectory, len(stamps))
+        for cam in cameras:
+            if plan.fault == "missing_camera" and cam == cameras[0]:
+                continue
+            broken = plan.fault == "corrupt_video" and cam == cameras[0]
+            frames = None if broken else render_camera(points, cam, calibration, len(stamps))
+            if image_format == "mp4":
+                (folder / f"{cam}.mp4").write_bytes(_corrupt_video(i) if broken else _encode_video(frames))
+                table(pd.DataFrame({"timestamp_us": stamps}), folder / f"{cam}.timestamps")
+                continue
+            from PIL import Image
+
+            (folder / cam).mkdir(exist_ok=True)
+            for k, stamp in enumerate(stamps):
+                target = folder / cam / f"{stamp}.{image_format}"
+                if broken:
+                    target.write_bytes(b"not an image")
+                else:
+                    Image.fromarray(frames[k]).save(target, quality=95)  # quality: jpg only
+    cf.write_manifest(root, [p.clip_id for p in plans])  # last: its presence marks a complete folder
+    return root
