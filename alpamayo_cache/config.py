@@ -137,32 +137,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, data)
+        from alpamayo_cache.options import from_dict
 
-
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild nested frozen dataclasses from ``asdict`` output (lists become tuples)."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        sub = _DATACLASS_FIELDS.get((cls.__name__, f.name))
-        if sub is not None:
-            value = _from_dict(sub, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-_DATACLASS_FIELDS: dict[tuple[str, str], type] = {
-    ("ModelConfig", "text"): TextConfig,
-    ("ModelConfig", "vision"): VisionConfig,
-    ("ModelConfig", "expert"): ExpertConfig,
-    ("ModelConfig", "action_in_proj"): ActionInProjConfig,
-    ("ModelConfig", "action_space"): ActionSpaceConfig,
-}
+        return from_dict(cls, data, "model config")
 
 
 REAL = ModelConfig(
@@ -180,11 +157,9 @@ REAL = ModelConfig(
     expert=ExpertConfig(hidden_size=2048, intermediate_size=8256, num_heads=16, head_dim=128),
 )
 
-# The tiny preset's vocabulary is built offline by model/tokenizer.py; its size is fixed there and
-# checked at load time (see model.vlm.build_tiny_tokenizer).
-TINY_VOCAB_SIZE = (
-    1_296  # 256 bytes + 7 Qwen specials + 1000 trajectory tokens + 28 Alpamayo specials, rounded up
-)
+# The tiny preset's vocabulary: 256 bytes + 7 Qwen specials + 1000 trajectory tokens + 28 Alpamayo
+# specials, rounded up. model/tokenizer.py builds that tokenizer offline and checks it fits.
+TINY_VOCAB_SIZE = 1_296
 
 TINY = ModelConfig(
     name="tiny",
@@ -218,23 +193,19 @@ TINY = ModelConfig(
 PRESETS: dict[str, ModelConfig] = {REAL.name: REAL, TINY.name: TINY}
 
 
-def preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise UserError(
-            f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or pass a checkpoint folder"
-        )
-    return PRESETS[name]
-
-
 def from_checkpoint_config(folder: Path) -> ModelConfig:
     """Read the dimensions of a local Alpamayo-R1 checkpoint folder from its config.json."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise UserError(f"{folder} has no config.json: point at an Alpamayo-R1 checkpoint folder")
-    cfg = json.loads(path.read_text())
-    if cfg.get("model_type") != "alpamayo_r1":
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON: the checkpoint folder is damaged") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "alpamayo_r1":
         raise UserError(
-            f"{path} has model_type {cfg.get('model_type')!r}, not 'alpamayo_r1': not an Alpamayo-R1 checkpoint"
+            f"{path} has model_type {cfg.get('model_type') if isinstance(cfg, dict) else None!r}, not "
+            "'alpamayo_r1': not an Alpamayo-R1 checkpoint"
         )
     vlm = cfg.get("vlm_config") or cfg
     text = vlm.get("text_config", {})
@@ -307,33 +278,7 @@ def resolve_model(spec: str) -> ModelConfig:
     if path.is_dir():
         return from_checkpoint_config(path)
     if path.is_file() and path.suffix == ".json":
-        return ModelConfig.from_dict(json.loads(path.read_text()))
+        from alpamayo_cache.options import read_config_file
+
+        return ModelConfig.from_dict(read_config_file(path))
     raise UserError(f"{spec!r} is neither a preset ({sorted(PRESETS)}) nor an existing checkpoint folder")
-
-
-def apply_overrides(obj: Any, overrides: list[str]) -> Any:
-    """Apply ``a.b=value`` overrides (value parsed as JSON when possible) to a frozen dataclass."""
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} must look like section.field=value")
-        dotted, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        obj = _replace_path(obj, dotted.split("."), value, dotted)
-    return obj
-
-
-def _replace_path(obj: Any, parts: list[str], value: Any, dotted: str) -> Any:
-    names = {f.name for f in dataclasses.fields(obj)}
-    if parts[0] not in names:
-        raise UserError(
-            f"override {dotted!r}: {type(obj).__name__} has no field {parts[0]!r} (fields: {sorted(names)})"
-        )
-    if len(parts) == 1:
-        if isinstance(value, list):
-            value = tuple(value)
-        return dataclasses.replace(obj, **{parts[0]: value})
-    child = getattr(obj, parts[0])
-    return dataclasses.replace(obj, **{parts[0]: _replace_path(child, parts[1:], value, dotted)})

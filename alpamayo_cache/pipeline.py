@@ -2,46 +2,34 @@
 
 Defaults run everything on the built-in synthetic clips with the tiny preset on CPU: several
 keyframes per clip (stride 1 s) so the tiny model has enough samples, a quarter of the clips held
-out for evaluation, and a paired report of the fine-tuned head against its untrained start.
+out for evaluation, and a paired report of the fine-tuned policy against its untrained start.
+A pilot (``--pilot``) is named ``<model>-<prompt mode>-pilot`` unless ``--name`` says otherwise, so it
+never replaces the default run's store or checkpoints.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from alpamayo_cache import evaluate, precompute, train
 from alpamayo_cache.config import resolve_model
+from alpamayo_cache.configs import EvalConfig, PipelineConfig, PrecomputeConfig, TrainConfig
 from alpamayo_cache.runtime import log
+from alpamayo_cache.store.reader import StoreReader
 
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    data: str = "synthetic"
-    model: str = "tiny"
-    tokenizer: Path | None = None
-    name: str | None = None
-    prompt_mode: str = "traj-only"
-    keyframes: str | None = None
-    camera_sets: tuple[str, ...] = ("default",)
-    limit: int | None = None
-    steps: int = 600
-    scope: str = "all"
-    device: str = "auto"
-    pilot: bool = False
-    stores: Path = Path("cache_store")
-    runs: Path = Path("runs")
+__all__ = ["PipelineConfig", "run"]
 
 
 def run(cfg: PipelineConfig) -> dict:
     model = resolve_model(cfg.model)
-    name = cfg.name or f"{model.name.replace(':', '-')}-{cfg.prompt_mode}"
+    name = cfg.name or f"{model.name.replace(':', '-')}-{cfg.prompt_mode}" + ("-pilot" if cfg.pilot else "")
     synthetic = cfg.data == precompute.SYNTHETIC
     store = cfg.stores / name
     run_dir = cfg.runs / name
+    log.info(f"pipeline: store {store}, run {run_dir}, report {run_dir / 'eval' / 'report.md'}")
     limit = 6 if cfg.pilot and cfg.limit is None else cfg.limit
     pre = precompute.run(
-        precompute.PrecomputeConfig(
+        PrecomputeConfig(
             store=store,
             data=cfg.data,
             model=cfg.model,
@@ -56,25 +44,19 @@ def run(cfg: PipelineConfig) -> dict:
         )
     )
     steps = cfg.steps
+    micro_batch = TrainConfig.micro_batch
     if cfg.pilot:  # one epoch over the train split
-        n_train = len(train.StoreReader(store).select("train"))
-        steps = max(1, -(-n_train // train.TrainConfig.micro_batch))
+        n_train = len(StoreReader(store).select("train"))
+        steps = max(1, -(-n_train // micro_batch))
     init = cfg.model if Path(cfg.model).is_dir() else "auto"
     result = train.run(
-        train.TrainConfig(
-            store=store,
-            run_dir=run_dir,
-            init=init,
-            steps=steps,
-            scope=cfg.scope,
-            device=cfg.device,
-            overwrite=True,
+        TrainConfig(
+            store=store, run_dir=run_dir, init=init, steps=steps, scope=cfg.scope, device=cfg.device,
+            overwrite=(run_dir / ".alpamayo-cache-run").is_file(),
         )
-    )
+    )  # fmt: skip
     metrics = evaluate.run(
-        evaluate.EvalConfig(
-            store=store, baseline=init, checkpoints=(str(run_dir),), device=cfg.device, split="val"
-        )
+        EvalConfig(store=store, baseline=init, checkpoints=(str(run_dir),), device=cfg.device, split="val")
     )
     report = Path(metrics["out_dir"]) / "report.md"
     paired = metrics["paired"][run_dir.name]["min_ade"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from alpamayo_cache.evaluate import KEY_METRICS
+from alpamayo_cache.metrics import KEY_METRICS
 
 
 def _fmt(value: float) -> str:

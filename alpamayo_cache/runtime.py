@@ -25,6 +25,15 @@ def init_logging(level: int = logging.INFO) -> None:
     log.propagate = False
 
 
+def human_bytes(n: float) -> str:
+    """Bytes with a unit a person reads at a glance: 512 B, 3.4 KB, 441 MB, 1.2 GB (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
 def dist_rank() -> tuple[int, int]:
     """(rank, world size) from torchrun / accelerate environment variables; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

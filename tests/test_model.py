@@ -8,16 +8,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from alpamayo_cache.config import REAL, TINY, apply_overrides, from_checkpoint_config, resolve_model
+from alpamayo_cache.config import REAL, TINY, from_checkpoint_config, resolve_model
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.model.expert import TrajectoryHead, count_parameters
+from alpamayo_cache.model.expert import count_parameters
 from alpamayo_cache.model.head import init_head, load_head
-from alpamayo_cache.model.weights import load_released, read_head_tensors, save_head
+from alpamayo_cache.model.policy import Policy
+from alpamayo_cache.model.weights import load_released, read_head_tensors, save_tensors
+from alpamayo_cache.options import apply_overrides
 
 
 def test_real_parameter_counts_on_meta_device():
     with torch.device("meta"):
-        head = TrajectoryHead(REAL)
+        head = Policy(REAL)
     assert count_parameters(head.expert) == 2_279_238_656
     assert count_parameters(head.action_in_proj) == 1_349_632
     assert count_parameters(head.action_out_proj) == 4_098
@@ -88,7 +90,7 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
         read_head_tensors(tmp_path)
     head = init_head(TINY)
     path = tmp_path / "head.safetensors"
-    save_head(path, head)
+    save_tensors(path, head.state_dict())
     from alpamayo_cache.model.weights import load_head_file, load_into
 
     tensors, _ = load_head_file(path)
@@ -113,9 +115,8 @@ def test_run_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         head.action_out_proj.bias.fill_(0.25)
     path = tmp_path / "ckpt.safetensors"
-    save_head(
-        path, head, only_groups=("action_out_proj",), meta={"model_config": TINY.to_dict(), "base": "tiny"}
-    )
+    only = {k: v for k, v in head.state_dict().items() if k.startswith("action_out_proj.")}
+    save_tensors(path, only, meta={"model_config": TINY.to_dict(), "base": "tiny"})
     loaded, cfg, _ = load_head(str(path))
     assert cfg == TINY
     assert torch.equal(loaded.action_out_proj.bias, torch.full((2,), 0.25))
@@ -123,7 +124,7 @@ def test_run_checkpoint_roundtrip(tmp_path):
 
 
 def test_tokenizer_extension_follows_the_release_order():
-    from alpamayo_cache.model.vlm import ALPAMAYO_SPECIALS, QWEN_SPECIALS, build_tiny_tokenizer
+    from alpamayo_cache.model.tokenizer import ALPAMAYO_SPECIALS, QWEN_SPECIALS, build_tiny_tokenizer
 
     assert len(ALPAMAYO_SPECIALS) == 28 and len(set(ALPAMAYO_SPECIALS)) == 28
     assert REAL.traj_token_start_idx + REAL.traj_vocab_size + len(ALPAMAYO_SPECIALS) == REAL.text.vocab_size

@@ -20,7 +20,9 @@ from alpamayo_cache.errors import UserError
 from alpamayo_cache.evaluate import EvalConfig
 from alpamayo_cache.evaluate import run as evaluate
 from alpamayo_cache.model.head import init_head
-from alpamayo_cache.model.vlm import FrozenVLM, PromptBuilder, build_tiny_tokenizer, build_vlm
+from alpamayo_cache.model.prompt import PromptBuilder
+from alpamayo_cache.model.tokenizer import build_tiny_tokenizer
+from alpamayo_cache.model.vlm import FrozenVLM, build_vlm
 from alpamayo_cache.precompute import run as precompute
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.train import TrainConfig

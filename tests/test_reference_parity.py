@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from alpamayo_cache.config import TINY, ActionInProjConfig, ActionSpaceConfig, ExpertConfig, TextConfig
 from alpamayo_cache.model import flow_matching as fm
 from alpamayo_cache.model.action_space import UnicycleActionSpace
-from alpamayo_cache.model.expert import Prefix, TrajectoryHead, action_position_ids
+from alpamayo_cache.model.expert import Prefix, action_position_ids
+from alpamayo_cache.model.policy import Policy
 from alpamayo_cache.model.weights import load_into
 
 ATOL = 1e-4
@@ -121,15 +122,20 @@ def expert_fixture(reference):
     return t, cfg, weights, prefix
 
 
+def _velocity(head, x, t, prefix):
+    """One draw per sample: [b, w, 2] actions at times [b, 1, 1]."""
+    return head.velocity(x[:, None], t.reshape(x.shape[0], 1), prefix)[:, 0]
+
+
 def _head(cfg, weights, attention):
-    head = TrajectoryHead(cfg, attention=attention).eval()
+    head = Policy(cfg, attention=attention).eval()
     load_into(head, weights, "expert_step fixture")
     return head
 
 
 def test_position_ids(expert_fixture):
     t, _, _, prefix = expert_fixture
-    assert torch.equal(action_position_ids(prefix, 64), t["position_ids"])
+    assert torch.equal(action_position_ids(prefix, 1, 64), t["position_ids"])
 
 
 def test_action_in_proj(expert_fixture):
@@ -145,7 +151,7 @@ def test_expert_velocity(expert_fixture, attention):
     t, cfg, weights, prefix = expert_fixture
     head = _head(cfg, weights, attention)
     with torch.no_grad():
-        v = head(t["noisy_action"], t["timestep"], prefix)
+        v = _velocity(head, t["noisy_action"], t["timestep"], prefix)
     torch.testing.assert_close(v, t[f"velocity_{attention}"], atol=ATOL, rtol=0)
     other = "causal" if attention == "bidirectional" else "bidirectional"
     assert (v - t[f"velocity_{other}"]).abs().max() > 1e-3, "the two masks must give different velocities"
@@ -171,7 +177,7 @@ def test_euler_10_steps_against_reference(expert_fixture):
     x0, ref = t["euler_init_noise"], t["euler_result_10_steps"]
 
     def run(noise, steps=10, fn=None):
-        fn = fn or (lambda x, tt: head(x, tt, prefix))
+        fn = fn or (lambda x, tt: _velocity(head, x, tt, prefix))
         return fm.euler_sample(fn, noise, steps)
 
     ours = run(x0)
@@ -184,7 +190,7 @@ def test_euler_10_steps_against_reference(expert_fixture):
     wrong = {
         "9 steps": run(x0, 9),
         "11 steps": run(x0, 11),
-        "reversed time": run(x0, fn=lambda x, tt: head(x, 1 - tt, prefix)),
+        "reversed time": run(x0, fn=lambda x, tt: _velocity(head, x, 1 - tt, prefix)),
     }
     for name, result in wrong.items():
         assert (result - ref).abs().mean().item() > envelope, name

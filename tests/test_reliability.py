@@ -21,7 +21,7 @@ from alpamayo_cache.errors import UserError
 from alpamayo_cache.evaluate import EvalConfig
 from alpamayo_cache.evaluate import run as evaluate
 from alpamayo_cache.precompute import run as precompute
-from alpamayo_cache.store import layout as L
+from alpamayo_cache.store import format as L
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.store.verify import verify
 from alpamayo_cache.train import TrainConfig
@@ -161,7 +161,7 @@ def test_bad_input_sweep(faulty_data, synthetic_data, tiny_store, tmp_path):
             lambda: evaluate(
                 EvalConfig(store=tiny_store, checkpoints=(str(tmp_path / "none"),), device="cpu")
             ),
-            "neither a preset",
+            "--checkpoint .* does not exist",
         ),
     ]
     for fn, message in cases:

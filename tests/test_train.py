@@ -7,16 +7,18 @@ import json
 import pytest
 import torch
 
-from alpamayo_cache.config import REAL, TINY, apply_overrides
+from alpamayo_cache.config import REAL, TINY
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.memory import GIB, head_parameter_count
-from alpamayo_cache.memory import plan as memory_plan
-from alpamayo_cache.model.expert import TrajectoryHead
+from alpamayo_cache.model.expert import Prefix
 from alpamayo_cache.model.head import init_head, load_head
-from alpamayo_cache.model.weights import load_head_file, load_into, save_head
+from alpamayo_cache.model.policy import Policy
+from alpamayo_cache.model.weights import load_head_file, load_into, save_tensors
+from alpamayo_cache.options import apply_overrides
 from alpamayo_cache.store.dataset import CachedFeatures, collate
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.train import TrainConfig, run, validation_loss
+from alpamayo_cache.train.plan import GIB, head_parameter_count
+from alpamayo_cache.train.plan import plan as memory_plan
 
 
 def cfg(store, run_dir, **kw) -> TrainConfig:
@@ -51,18 +53,19 @@ def test_resume_reproduces_the_loss_sequence(tiny_store, tmp_path):
 def test_checkpoint_uses_the_released_key_layout(tiny_store, tmp_path):
     result = run(cfg(tiny_store, tmp_path / "run", steps=3))
     tensors, meta = load_head_file(result.checkpoint / "head.safetensors")
-    released_keys = set(TrajectoryHead(TINY).state_dict())
+    released_keys = set(Policy(TINY).state_dict())
     assert set(tensors) == released_keys  # scope "all": every key, named as in the release
-    fresh = TrajectoryHead(TINY)
+    fresh = Policy(TINY)
     load_into(fresh, tensors, "checkpoint")  # strict: loads into a released-layout model
     loaded, loaded_cfg, _ = load_head(str(result.checkpoint / "head.safetensors"))
     assert loaded_cfg == TINY and meta["scope"] == "all" and meta["step"] == 3
     batch = collate(
         [StoreReader(tiny_store).read(s) for s in sorted(StoreReader(tiny_store).sample_infos())[:2]]
     )
-    x, t = torch.zeros(2, 64, 2), torch.full((2, 1, 1), 0.5)
+    x, t = torch.zeros(2, 1, 64, 2), torch.full((2, 1), 0.5)
+    prefix = Prefix.from_batch(batch)
     with torch.no_grad():
-        assert torch.equal(fresh.eval()(x, t, batch.prefix), loaded.eval()(x, t, batch.prefix))
+        assert torch.equal(fresh.eval().velocity(x, t, prefix), loaded.eval().velocity(x, t, prefix))
 
 
 def test_heads_scope_leaves_the_expert_alone(tiny_store, tmp_path):
@@ -122,11 +125,11 @@ def test_bad_training_inputs(tiny_store, tmp_path):
     run(cfg(tiny_store, tmp_path / "b", steps=1))
     with pytest.raises(UserError, match="already exists"):
         run(cfg(tiny_store, tmp_path / "b", steps=1))
-    with pytest.raises(UserError, match="no checkpoint to resume"):
+    with pytest.raises(UserError, match="nothing to resume"):
         run(cfg(tiny_store, tmp_path / "c", resume=True))
     other = apply_overrides(TINY, ["text.num_layers=3"])
     path = tmp_path / "other.safetensors"
-    save_head(path, TrajectoryHead(other), meta={"model_config": other.to_dict(), "base": "tiny"})
+    save_tensors(path, Policy(other).state_dict(), meta={"model_config": other.to_dict(), "base": "tiny"})
     with pytest.raises(UserError, match="another architecture"):
         run(cfg(tiny_store, tmp_path / "d", init=str(path)))
 
@@ -152,4 +155,4 @@ def test_ddp_on_two_cpu_ranks_trains_and_checkpoints(tiny_store, tmp_path):
     assert len(lines) == 4  # rank 0 alone logs
     assert all(json.loads(line)["samples_per_s"] > 0 for line in lines)
     payload = torch.load(run_dir / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
-    assert len(payload["noise_generators"]) == 2
+    assert payload["world_size"] == 2

@@ -9,20 +9,23 @@ A sample is one keyframe t0 of one clip under one camera configuration:
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from alpamayo_cache.config import ALL_CAMERAS, ModelConfig
+from alpamayo_cache.data.ego_frame import ego_frame_trajectory
 from alpamayo_cache.data.source import BadClip, ClipSource
 from alpamayo_cache.errors import UserError
+from alpamayo_cache.model.pixels import resize_frames
+from alpamayo_cache.store.format import check_id
 
 US = 1_000_000
 DEFAULT_T0_US = 5_100_000
 FUTURE_STEPS = 64
 STEP_US = 100_000
+MIN_T0_US = 1_600_001  # t0 must exceed 1.6 s (release loader)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def valid_t0_range(ego, cfg: ModelConfig) -> tuple[int, int]:
     """[first, last] keyframe (us) with full history, all camera frames and 6.4 s of future."""
     start, end = (int(v) for v in (ego.timestamps[0], ego.timestamps[-1]))
     back = max(cfg.history_steps - 1, cfg.frames_per_camera - 1) * STEP_US
-    return start + back, end - FUTURE_STEPS * STEP_US
+    # The release's loader also refuses t0 <= 1.6 s on the clip's clock, whatever the egomotion holds.
+    return max(start + back, MIN_T0_US), end - FUTURE_STEPS * STEP_US
 
 
 def check_policy(policy: str) -> None:
@@ -118,7 +122,7 @@ def keyframes(policy: str, ego, cfg: ModelConfig) -> list[int]:
                 f"too short: no t0 = 5.1 s with 6.4 s of future (valid t0 {first / US:.1f}-{last / US:.1f} s)"
             )
         return [DEFAULT_T0_US]
-    grid = np.arange(first, last + 1, STEP_US, dtype=np.int64)
+    grid = np.arange(-(-first // STEP_US) * STEP_US, last + 1, STEP_US, dtype=np.int64)  # on the 0.1 s grid
     if policy == "max-curvature":
         curvature = np.abs(path_curvature(ego, grid))
         return [int(grid[int(np.nanargmax(curvature))])]
@@ -148,39 +152,41 @@ def read_egomotion(source: ClipSource, clip_id: str):
         raise BadClip(f"bad egomotion: {type(exc).__name__}: {str(exc)[:80]}") from exc
 
 
-def ego_frame_trajectory(ego, t0_us: int, cfg: ModelConfig) -> tuple[np.ndarray, ...]:
-    """History and future poses in the ego frame at t0."""
-    first, last = valid_t0_range(ego, cfg)
-    if not first <= t0_us <= last:
+def check_egomotion_gaps(ego, t0_us: int, cfg: ModelConfig, max_gap_s: float) -> None:
+    """Refuse a keyframe whose history or future window has no egomotion rows for longer than
+    ``max_gap_s``: the interpolator would silently bridge the gap with a made-up path."""
+    ts = np.asarray(ego.timestamps, dtype=np.int64)
+    lo = t0_us - (cfg.history_steps - 1) * STEP_US
+    hi = t0_us + FUTURE_STEPS * STEP_US
+    first = max(int(np.searchsorted(ts, lo, side="right")) - 1, 0)
+    last = min(int(np.searchsorted(ts, hi, side="left")), len(ts) - 1)
+    window = ts[first : last + 1]
+    if len(window) < 2:
+        return
+    gaps = np.diff(window)
+    worst = int(gaps.argmax())
+    if gaps[worst] > max_gap_s * US:
         raise BadClip(
-            f"too short: t0 {t0_us / US:.1f} s is outside the valid range {first / US:.1f}-{last / US:.1f} s"
+            f"egomotion gap: no poses for {gaps[worst] / US:.2f} s from {window[worst] / US:.2f} s, inside the "
+            f"window of t0 {t0_us / US:.2f} s (limit {max_gap_s} s, --max-ego-gap-s)"
         )
-    hist_t = t0_us + STEP_US * np.arange(-(cfg.history_steps - 1), 1, dtype=np.int64)
-    fut_t = t0_us + STEP_US * np.arange(1, FUTURE_STEPS + 1, dtype=np.int64)
-    try:
-        hist, fut = ego(hist_t).pose, ego(fut_t).pose
-    except Exception as exc:  # scipy refuses non-finite rotations (SVD does not converge)
-        raise BadClip(f"bad egomotion: NaN/inf poses around the keyframe ({type(exc).__name__})") from exc
-    t0_rot = hist.rotation[-1]
-    t0_xyz = hist.translation[-1]
-    inv = t0_rot.inv()
-    out = (
-        inv.apply(hist.translation - t0_xyz),
-        (inv * hist.rotation).as_matrix(),
-        inv.apply(fut.translation - t0_xyz),
-        (inv * fut.rotation).as_matrix(),
-    )
-    out = tuple(np.asarray(a, dtype=np.float32) for a in out)
-    if not all(np.isfinite(a).all() for a in out):
-        raise BadClip("bad egomotion: NaN/inf poses around the keyframe")
-    return out
 
 
-def load_sample(source: ClipSource, spec: SampleSpec, cfg: ModelConfig, ego=None) -> Sample:
+def load_sample(
+    source: ClipSource, spec: SampleSpec, cfg: ModelConfig, ego=None, max_gap_s: float = 0.35
+) -> Sample:
     """Decode one sample; any problem with the clip raises BadClip with the reason."""
     cams = camera_set(spec.camera_set, cfg.cameras)
     ego = ego if ego is not None else read_egomotion(source, spec.clip_id)
-    hist_xyz, hist_rot, fut_xyz, fut_rot = ego_frame_trajectory(ego, spec.t0_us, cfg)
+    first, last = valid_t0_range(ego, cfg)
+    if not first <= spec.t0_us <= last:
+        raise BadClip(
+            f"too short: t0 {spec.t0_us / US:.1f} s is outside the valid range {first / US:.1f}-{last / US:.1f} s"
+        )
+    check_egomotion_gaps(ego, spec.t0_us, cfg, max_gap_s)
+    hist_xyz, hist_rot, fut_xyz, fut_rot = ego_frame_trajectory(
+        ego, spec.t0_us, cfg.history_steps, FUTURE_STEPS, STEP_US
+    )
     frame_t = spec.t0_us - STEP_US * np.arange(cfg.frames_per_camera - 1, -1, -1, dtype=np.int64)
     h, w = cfg.image_size
     images = np.zeros((len(cams.cameras), cfg.frames_per_camera, h, w, 3), dtype=np.uint8)
@@ -198,19 +204,6 @@ def load_sample(source: ClipSource, spec: SampleSpec, cfg: ModelConfig, ego=None
     return Sample(spec, images, hist_xyz, hist_rot, fut_xyz, fut_rot)
 
 
-def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic resize of uint8 frames [n, H, W, 3] to the model's input size."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = size
-    if frames.shape[1:3] == (h, w):
-        return frames
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def plan_samples(
     source: ClipSource,
     cfg: ModelConfig,
@@ -226,6 +219,11 @@ def plan_samples(
     failures: list[tuple[str, str]] = []
     for clip_id in clip_ids:
         try:
+            check_id(clip_id)
+        except UserError as exc:  # ids become folder names: a bad one is this clip's failure, not a crash
+            failures.append((clip_id[:200], str(exc)))
+            continue
+        try:
             ego = read_egomotion(source, clip_id)
             t0s = keyframes(policy, ego, cfg)
         except BadClip as exc:
@@ -234,8 +232,3 @@ def plan_samples(
         split = split_of(clip_id, val_percent)
         specs += [SampleSpec(clip_id, t0, name, split) for t0 in t0s for name in camera_sets]
     return specs, failures
-
-
-def is_turn(fut_rot: np.ndarray, threshold_deg: float = 15.0) -> bool:
-    yaw = math.degrees(math.atan2(fut_rot[-1, 1, 0], fut_rot[-1, 0, 0]))
-    return abs(yaw) > threshold_deg

@@ -1,8 +1,12 @@
-"""The action expert and the trajectory head (action_in_proj -> expert -> action_out_proj).
+"""The action expert: a Qwen3-VL text decoder that reads the VLM's cached per-layer K/V.
 
 The expert is a transformers ``Qwen3VLTextModel`` built from the VLM text config with the expert
 overrides (REFERENCE §1), its token embedding deleted. Expert layer i attends to VLM layer i's cached
-keys/values (post k-norm, post-RoPE) followed by the 64 action tokens' own keys/values.
+keys/values (post k-norm, post-RoPE) followed by the action tokens' own keys/values.
+
+Several flow-matching draws per prefix (training draws, best-of-K samples) are folded into the token
+axis: n draws of w action tokens form one sequence of n*w tokens with the same positions per draw and a
+block-diagonal mask, so the prefix K/V is read once and never copied n times.
 
 We drive the decoder layers ourselves instead of calling ``Qwen3VLTextModel.forward`` because:
 - the cached prefix must stay read-only (training recomputes layers under gradient checkpointing,
@@ -19,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from alpamayo_cache.config import ModelConfig, TextConfig
-from alpamayo_cache.model.action_proj import ActionInProj, action_out_proj
+from alpamayo_cache.store.format import dequantize
 
 ATTENTION_MODES = ("bidirectional", "causal")
 
@@ -53,46 +57,79 @@ def hf_text_config(text: TextConfig, **overrides: object):
     return cfg
 
 
-def expert_text_config(cfg: ModelConfig):
+def build_expert(cfg: ModelConfig) -> nn.Module:
+    """The expert decoder (no token embedding: its tokens come from action_in_proj)."""
+    from transformers import Qwen3VLTextModel
+
     e = cfg.expert
-    return hf_text_config(
+    text = hf_text_config(
         cfg.text,
         hidden_size=e.hidden_size,
         intermediate_size=e.intermediate_size,
         num_attention_heads=e.num_heads,
         head_dim=e.head_dim,
     )
+    expert = Qwen3VLTextModel(text)
+    del expert.embed_tokens
+    return expert
 
 
 @dataclass
 class Prefix:
     """Cached VLM features for a batch, as the expert consumes them.
 
-    keys, values: [l, b, h, t, d] (t = longest prefix in the batch; shorter ones are right-padded)
+    keys, values: [l, b, h, t, d] in the stored precision (t = longest prefix; shorter ones right-padded)
     rope_deltas:  [b] MRoPE offset of each prompt (negative: images use fewer positions than tokens)
     lengths:      [b] true prefix length L of each sample
+    kv_scale:     [b, l, 2] dequantisation scales of quantised stores, else None
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     rope_deltas: torch.Tensor
     lengths: torch.Tensor
+    kv_scale: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Prefix:
-        return Prefix(
-            keys=self.keys.to(device=device, dtype=dtype, non_blocking=True),
-            values=self.values.to(device=device, dtype=dtype, non_blocking=True),
-            rope_deltas=self.rope_deltas.to(device),
-            lengths=self.lengths.to(device),
-        )
+    @classmethod
+    def from_batch(cls, batch) -> Prefix:
+        return cls(batch.keys, batch.values, batch.rope_deltas, batch.lengths, batch.kv_scale)
 
-    def repeat(self, n: int) -> Prefix:
-        """Each sample n times in a row (b -> b*n), for drawing several trajectories per sample."""
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.keys.shape[-2])
+
+    def to(self, device: torch.device | str) -> Prefix:
+        """Moves the stored bytes (never converts them: dequantisation happens per layer on use)."""
+
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device, non_blocking=True)
+
         return Prefix(
-            keys=self.keys.repeat_interleave(n, dim=1),
-            values=self.values.repeat_interleave(n, dim=1),
-            rope_deltas=self.rope_deltas.repeat_interleave(n),
-            lengths=self.lengths.repeat_interleave(n),
+            move(self.keys),
+            move(self.values),
+            move(self.rope_deltas),
+            move(self.lengths),
+            move(self.kv_scale),
+        )  # type: ignore[arg-type]
+
+    def layer(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of VLM layer ``index`` in ``dtype``, [b, h, t, d], on the prefix's device."""
+        scale = None if self.kv_scale is None else self.kv_scale[:, index]
+        k_scale = None if scale is None else scale[:, 0]
+        v_scale = None if scale is None else scale[:, 1]
+        return dequantize(self.keys[index], k_scale, dtype), dequantize(self.values[index], v_scale, dtype)
+
+    def all_finite(self) -> bool:
+        """No NaN/Inf in the cached features (checked on their device, cheaply)."""
+        if self.kv_scale is not None and not bool(torch.isfinite(self.kv_scale).all()):
+            return False
+        return all(
+            bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all())
+            for x in (self.keys, self.values)
         )
 
 
@@ -103,92 +140,69 @@ class _ReadOnlyPrefixCache:
         self.prefix = prefix
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: object = None):
-        pk = self.prefix.keys[layer_idx].to(key.dtype)
-        pv = self.prefix.values[layer_idx].to(value.dtype)
+        pk, pv = self.prefix.layer(layer_idx, key.dtype)
         return torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)
 
 
-def attention_mask(prefix: Prefix, n_tokens: int, mode: str) -> torch.Tensor | None:
-    """Boolean mask [b, 1, w, t + w] (True = may attend): valid prefix + action block.
-
-    None when every token may see everything (bidirectional, no padding): SDPA then runs its fused
-    kernels with native grouped-query attention instead of materialising repeated K/V heads.
-    """
+def attention_mask(prefix: Prefix, draws: int, waypoints: int, mode: str) -> torch.Tensor | None:
+    """Boolean mask [b, 1, n*w, t + n*w] (True = may attend): the valid prefix, and within each of the
+    n draws its own w action tokens (all of them, or causally). None when every token may see
+    everything (one draw, bidirectional, no padding): SDPA then runs its fused kernels."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
-    b = prefix.lengths.shape[0]
-    t = prefix.keys.shape[-2]
-    if mode == "bidirectional" and bool((prefix.lengths == t).all()):
+    b, t = prefix.batch_size, prefix.width
+    device = prefix.lengths.device
+    if mode == "bidirectional" and draws == 1 and bool((prefix.lengths == t).all()):
         return None
-    device = prefix.keys.device
+    n_tokens = draws * waypoints
     valid_prefix = torch.arange(t, device=device)[None, :] < prefix.lengths[:, None]  # [b, t]
     prefix_part = valid_prefix[:, None, :].expand(b, n_tokens, t)
+    draw_of = torch.arange(n_tokens, device=device) // waypoints
+    block = draw_of[:, None] == draw_of[None, :]
     if mode == "causal":
-        block = torch.ones(n_tokens, n_tokens, dtype=torch.bool, device=device).tril()
-    else:
-        block = torch.ones(n_tokens, n_tokens, dtype=torch.bool, device=device)
-    block = block[None].expand(b, n_tokens, n_tokens)
-    return torch.cat([prefix_part, block], dim=-1)[:, None]
+        block = block & torch.ones(n_tokens, n_tokens, dtype=torch.bool, device=device).tril()
+    return torch.cat([prefix_part, block[None].expand(b, n_tokens, n_tokens)], dim=-1)[:, None]
 
 
-def action_position_ids(prefix: Prefix, n_tokens: int) -> torch.Tensor:
-    """MRoPE positions [3, b, w] of the action tokens: rope_delta + L + 0..w-1 on all three axes."""
+def action_position_ids(prefix: Prefix, draws: int, waypoints: int) -> torch.Tensor:
+    """MRoPE positions [3, b, n*w] of the action tokens: rope_delta + L + 0..w-1 on all three axes,
+    the same for each draw."""
     start = prefix.rope_deltas.long() + prefix.lengths.long()
-    pos = start[:, None] + torch.arange(n_tokens, device=start.device)[None, :]
+    pos = start[:, None] + torch.arange(waypoints, device=start.device).repeat(draws)[None, :]
     return pos[None].expand(3, -1, -1)
 
 
-class TrajectoryHead(nn.Module):
-    """expert + action_in_proj + action_out_proj, with the released checkpoint's key names."""
-
-    def __init__(self, cfg: ModelConfig, attention: str | None = None) -> None:
-        super().__init__()
-        from transformers import Qwen3VLTextModel
-
-        self.cfg = cfg
-        self.attention = attention or ("bidirectional" if cfg.expert_non_causal_attention else "causal")
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}")
-        self.expert = Qwen3VLTextModel(expert_text_config(cfg))
-        del self.expert.embed_tokens  # action tokens come from action_in_proj, never from ids
-        hidden = cfg.expert.hidden_size
-        self.action_in_proj = ActionInProj(cfg.action_in_proj, action_dims=2, out_dim=hidden)
-        self.action_out_proj = action_out_proj(hidden)
-        self.gradient_checkpointing = False
-
-    def forward(self, noisy_action: torch.Tensor, timestep: torch.Tensor, prefix: Prefix) -> torch.Tensor:
-        """Velocity [b, w, 2] for noisy actions [b, w, 2] at flow time [b, 1, 1]."""
-        w = noisy_action.shape[1]
-        tokens = self.action_in_proj(noisy_action, timestep)  # [b, w, hidden]
-        positions = action_position_ids(prefix, w)
-        mask = attention_mask(prefix, w, self.attention)
-        t = prefix.keys.shape[-2]
-        cache_position = torch.arange(t, t + w, device=tokens.device)
-        rope = self.expert.rotary_emb(tokens, positions)
-        cache = _ReadOnlyPrefixCache(prefix)
-        hidden = tokens
-        for layer in self.expert.layers:
-            kwargs = dict(
-                attention_mask=mask,
-                position_ids=positions[0],
-                past_key_values=cache,
-                cache_position=cache_position,
-                position_embeddings=rope,
-                is_causal=False,  # any causality is in the explicit mask
-            )
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(_run_layer, layer, hidden, kwargs, use_reentrant=False)
-            else:
-                hidden = _run_layer(layer, hidden, kwargs)
-        hidden = self.expert.norm(hidden)
-        return self.action_out_proj(hidden).float()
-
-    def trainable_groups(self) -> dict[str, nn.Module]:
-        return {
-            "expert": self.expert,
-            "action_in_proj": self.action_in_proj,
-            "action_out_proj": self.action_out_proj,
-        }
+def run_expert(
+    expert: nn.Module,
+    tokens: torch.Tensor,
+    prefix: Prefix,
+    draws: int,
+    mode: str,
+    checkpointing: bool,
+) -> torch.Tensor:
+    """Expert hidden states [b, n*w, hidden] for action tokens [b, n*w, hidden] over the prefix."""
+    waypoints = tokens.shape[1] // draws
+    positions = action_position_ids(prefix, draws, waypoints)
+    mask = attention_mask(prefix, draws, waypoints, mode)
+    t = prefix.width
+    cache_position = torch.arange(t, t + tokens.shape[1], device=tokens.device)
+    rope = expert.rotary_emb(tokens, positions)
+    cache = _ReadOnlyPrefixCache(prefix)
+    hidden = tokens
+    for layer in expert.layers:
+        kwargs = dict(
+            attention_mask=mask,
+            position_ids=positions[0],
+            past_key_values=cache,
+            cache_position=cache_position,
+            position_embeddings=rope,
+            is_causal=False,  # any causality is in the explicit mask
+        )
+        if checkpointing and torch.is_grad_enabled():
+            hidden = checkpoint(_run_layer, layer, hidden, kwargs, use_reentrant=False)
+        else:
+            hidden = _run_layer(layer, hidden, kwargs)
+    return expert.norm(hidden)
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

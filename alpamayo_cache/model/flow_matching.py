@@ -45,11 +45,13 @@ def make_pair(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> TrainingPair:
-    """Build (x_t, t, target) for clean actions ``x`` [b, w, 2]; t and eps may be given."""
-    b = x.shape[0]
+    """Build (x_t, t, target) for clean actions ``x`` [b, (n,) w, 2]; t ([b] or [b, n]) and eps may
+    be given."""
     if timesteps is None:
-        timesteps = sample_timesteps(b, generator).to(x.device)
-    timesteps = timesteps.reshape(b, *([1] * (x.dim() - 1))).to(x.dtype)
+        timesteps = sample_timesteps(x.shape[0], generator).to(x.device)
+    while timesteps.dim() < x.dim():  # [b] or [b, n] -> broadcast over waypoints and action dims
+        timesteps = timesteps.unsqueeze(-1)
+    timesteps = timesteps.to(x.dtype)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     noisy = timesteps * x + (1 - timesteps) * noise
@@ -59,11 +61,6 @@ def make_pair(
 def loss(pair: TrainingPair, pred: torch.Tensor) -> torch.Tensor:
     """Mean squared error between the predicted and the true velocity."""
     return F.mse_loss(pred, pair.target.to(pred.dtype))
-
-
-def per_sample_loss(pair: TrainingPair, pred: torch.Tensor) -> torch.Tensor:
-    """MSE per batch element [b] (used for validation breakdowns)."""
-    return ((pred - pair.target.to(pred.dtype)) ** 2).flatten(1).mean(dim=1)
 
 
 @torch.no_grad()

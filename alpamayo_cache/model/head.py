@@ -1,5 +1,5 @@
-"""Build a trajectory head from a model spec: a preset (random weights from a fixed seed), a released
-Alpamayo-R1 folder (head keys only), or a training-run checkpoint (config read from the checkpoint)."""
+"""Build a policy from a model spec: a preset (random weights from a fixed seed), a released Alpamayo
+folder (head keys only), or a training-run checkpoint (config read from the checkpoint)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,34 @@ import torch
 
 from alpamayo_cache.config import ModelConfig, resolve_model
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.model.expert import TrajectoryHead
+from alpamayo_cache.model.policy import Policy
 from alpamayo_cache.model.weights import load_head_file, load_into, load_released
 
 
-def init_head(cfg: ModelConfig, attention: str | None = None) -> TrajectoryHead:
-    """Random head with weights fixed by ``cfg.init_seed`` (independent of the global RNG)."""
+def init_head(cfg: ModelConfig, attention: str | None = None) -> Policy:
+    """Random policy with weights fixed by ``cfg.init_seed`` (independent of the global RNG)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed + 1)  # +1: the VLM of the same preset uses init_seed
-        return TrajectoryHead(cfg, attention=attention)
+        return Policy(cfg, attention=attention)
 
 
-def load_head(spec: str, attention: str | None = None) -> tuple[TrajectoryHead, ModelConfig, str]:
-    """-> (head, config, description). ``spec`` is a preset, a released folder or a run checkpoint."""
+def head_file_config(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, object], ModelConfig]:
+    """A run checkpoint's head file: tensors, metadata and the model config it records."""
+    tensors, meta = load_head_file(path)
+    if "model_config" not in meta:
+        raise UserError(f"{path} carries no model_config metadata: not an alpamayo-cache checkpoint")
+    try:
+        cfg = ModelConfig.from_dict(meta["model_config"])  # type: ignore[arg-type]
+    except UserError as exc:
+        raise UserError(f"{path}: its model_config is not readable ({exc})") from None
+    return tensors, meta, cfg
+
+
+def load_head(spec: str, attention: str | None = None) -> tuple[Policy, ModelConfig, str]:
+    """-> (policy, config, description). ``spec`` is a preset, a released folder or a run checkpoint."""
     path = Path(spec)
     if path.is_file() and path.suffix == ".safetensors":
-        tensors, meta = load_head_file(path)
-        if "model_config" not in meta:
-            raise UserError(f"{path} carries no model_config metadata: not an alpamayo-cache checkpoint")
-        cfg = ModelConfig.from_dict(meta["model_config"])  # type: ignore[arg-type]
+        tensors, meta, cfg = head_file_config(path)
         # A run saves only the groups it trained; the rest come from the run's starting weights.
         head = init_head(cfg, attention)
         base = str(meta.get("base", cfg.name))

@@ -1,4 +1,4 @@
-"""A torch Dataset over committed store samples, with length-bucketed, resumable batch order.
+"""Batches of committed samples, with length-bucketed, resumable batch order.
 
 Samples of equal prefix length L are batched together so no padding is needed; only a final
 mixed-length remainder is right-padded (and masked by the expert). The batch order of epoch e is a
@@ -8,26 +8,25 @@ the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from alpamayo_cache.model.expert import Prefix
+from alpamayo_cache.errors import UserError
 from alpamayo_cache.store.reader import CachedSample, StoreReader
 
 
 class CachedFeatures(Dataset):
     """Item = one committed sample (K/V, rope delta, ground truth). Opens the store lazily per worker."""
 
-    def __init__(self, root: Path, sample_ids: list[str]) -> None:
+    def __init__(self, root: Path, sample_ids: list[str], reader: StoreReader | None = None) -> None:
         self.root = Path(root)
         self.sample_ids = list(sample_ids)
-        self._reader: StoreReader | None = None
-        reader = StoreReader(self.root)
-        infos = reader.sample_infos()
-        self.lengths = [infos[s].length for s in self.sample_ids]
+        self._reader = reader
+        reader = reader or StoreReader(self.root)
+        self.lengths = [reader.sample_info(s).length for s in self.sample_ids]
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -61,45 +60,78 @@ def epoch_batches(
 
 @dataclass
 class Batch:
+    """A micro-batch as the model consumes it. K/V stay in their stored precision.
+
+    keys, values: [l, b, h, t, d] (t = longest prefix; shorter ones right-padded with zeros)
+    kv_scale:     [b, l, 2] fp32 dequantisation scales (fp8 stores) or None
+    rope_deltas, lengths: [b]; hidden [b, D]; action [b, w, 2]; trajectories in the ego frame at t0.
+    """
+
     sample_ids: list[str]
-    prefix: Prefix
-    action: torch.Tensor  # [b, w, 2]
+    keys: torch.Tensor
+    values: torch.Tensor
+    kv_scale: torch.Tensor | None
+    rope_deltas: torch.Tensor
+    lengths: torch.Tensor
+    hidden: torch.Tensor
+    action: torch.Tensor
     hist_xyz: torch.Tensor
     hist_rot: torch.Tensor
     fut_xyz: torch.Tensor
     fut_rot: torch.Tensor
 
     def pin_memory(self) -> Batch:
-        self.prefix = Prefix(
-            self.prefix.keys.pin_memory(),
-            self.prefix.values.pin_memory(),
-            self.prefix.rope_deltas,
-            self.prefix.lengths,
-        )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, f.name, value.pin_memory())
         return self
+
+
+def _padded(parts: list[torch.Tensor], longest: int) -> torch.Tensor:
+    """Stack [l, h, L_i, d] tensors into [l, b, h, longest, d], zero-padded (copied as raw bytes, so
+    every stored dtype, fp8 included, takes the same path)."""
+    first = parts[0]
+    raw = [p.view(torch.uint8) for p in parts]
+    layers, heads, _, width = raw[0].shape
+    out = torch.zeros(layers, len(parts), heads, longest, width, dtype=torch.uint8)
+    for i, r in enumerate(raw):
+        out[:, i, :, : r.shape[2]] = r
+    return out.view(first.dtype)
 
 
 def collate(samples: list[CachedSample]) -> Batch:
     """Stack samples; K/V are right-padded to the longest prefix in the batch."""
     longest = max(s.info.length for s in samples)
-    layers, heads, _, dim = samples[0].keys.shape
-    keys = samples[0].keys.new_zeros(layers, len(samples), heads, longest, dim)
-    values = torch.zeros_like(keys)
-    for i, s in enumerate(samples):
-        keys[:, i, :, : s.info.length] = s.keys
-        values[:, i, :, : s.info.length] = s.values
-    prefix = Prefix(
-        keys=keys,
-        values=values,
-        rope_deltas=torch.tensor([s.info.rope_delta for s in samples]),
-        lengths=torch.tensor([s.info.length for s in samples]),
-    )
+    scales = [s.kv_scale for s in samples]
     return Batch(
         sample_ids=[s.info.sample_id for s in samples],
-        prefix=prefix,
+        keys=_padded([s.keys for s in samples], longest),
+        values=_padded([s.values for s in samples], longest),
+        kv_scale=torch.stack(scales) if scales[0] is not None else None,  # type: ignore[arg-type]
+        rope_deltas=torch.tensor([s.info.rope_delta for s in samples]),
+        lengths=torch.tensor([s.info.length for s in samples]),
+        hidden=torch.stack([s.hidden for s in samples]),
         action=torch.stack([s.action for s in samples]),
         hist_xyz=torch.stack([s.hist_xyz for s in samples]),
         hist_rot=torch.stack([s.hist_rot for s in samples]),
         fut_xyz=torch.stack([s.fut_xyz for s in samples]),
         fut_rot=torch.stack([s.fut_rot for s in samples]),
     )
+
+
+def rank_batches(
+    lengths: list[int], micro_batch: int, seed: int, epoch: int, rank: int, world: int
+) -> list[tuple[int, list[int]]]:
+    """This rank's batches of one epoch as (index in the epoch's order, sample indices).
+
+    Round r of an epoch gives rank k the batch r * world + k (ranks stay in lockstep; the epoch's last
+    partial round is dropped). The index names the batch independently of how many ranks share the
+    epoch, so per-batch randomness seeded by it is the same under any split of the work."""
+    order = epoch_batches(lengths, micro_batch, seed, epoch)
+    rounds = len(order) // world
+    if rounds == 0:
+        raise UserError(
+            f"{len(order)} batch(es) per epoch cannot feed {world} ranks: lower --micro-batch or use fewer GPUs"
+        )
+    return [(r * world + rank, order[r * world + rank]) for r in range(rounds)]

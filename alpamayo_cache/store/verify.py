@@ -1,15 +1,18 @@
-"""``verify`` and ``info``: check every committed sample and summarise a store."""
+"""``verify``, ``repair`` and ``info``: check every committed sample, quarantine damage, summarise."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.store import layout as L
+from alpamayo_cache.runtime import log
+from alpamayo_cache.store import format as F
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.store.writer import read_failures
 
@@ -25,44 +28,85 @@ class VerifyReport:
         return not self.problems
 
 
+def _check_sample(reader: StoreReader, sample_id: str, text_cfg: dict) -> F.SampleInfo:
+    s = reader.read(sample_id)
+    expected = (text_cfg["num_layers"], text_cfg["num_kv_heads"], s.info.length, text_cfg["head_dim"])
+    if tuple(s.keys.shape) != expected:
+        raise UserError(f"kv shape {tuple(s.keys.shape)} != {expected}")
+    for name in ("hidden", "hist_xyz", "hist_rot", "fut_xyz", "fut_rot", "action"):
+        if not np.isfinite(getattr(s, name).numpy()).all():
+            raise UserError(f"{name} has non-finite values")
+    for name in ("keys", "values"):
+        if not torch.isfinite(getattr(s, name).float()).all():
+            raise UserError(f"kv {name} have non-finite values")
+    reader.thumbnails(sample_id)
+    return s.info
+
+
 def verify(root: Path) -> VerifyReport:
     """Read every array of every committed sample (crc32c-checked), check shapes, finiteness and
     that each (clip, t0, camera set) appears once."""
     reader = StoreReader(root)
-    store = reader.info
-    cfg = store.model_config["text"]
+    text_cfg = reader.info.model_config["text"]
     report = VerifyReport()
     seen: dict[tuple, str] = {}
-    for sample_id in sorted(p.name for p in (Path(root) / L.SAMPLES_DIR).iterdir() if p.is_dir()):
+    for sample_id in F.committed_samples(root):
         report.checked += 1
         try:
-            s = reader.read(sample_id)
-            expected = (cfg["num_layers"], cfg["num_kv_heads"], s.info.length, cfg["head_dim"])
-            if tuple(s.keys.shape) != expected:
-                raise UserError(f"kv shape {tuple(s.keys.shape)} != {expected}")
-            for name in ("hidden", "hist_xyz", "hist_rot", "fut_xyz", "fut_rot", "action"):
-                if not np.isfinite(getattr(s, name).numpy()).all():
-                    raise UserError(f"{name} has non-finite values")
-            if not (s.keys.float().isfinite().all() and s.values.float().isfinite().all()):
-                raise UserError("kv has non-finite values")
-            reader.thumbnails(sample_id)
-            key = (s.info.clip_id, s.info.t0_us, s.info.camera_set)
+            info = _check_sample(reader, sample_id, text_cfg)
+            key = (info.clip_id, info.t0_us, info.camera_set)
             if key in seen:
                 raise UserError(f"duplicate of {seen[key]}")
             seen[key] = sample_id
         except UserError as exc:
             report.problems[sample_id] = str(exc)
-    staging = Path(root) / L.STAGING_DIR
+    staging = Path(root) / F.STAGING_DIR
     report.staging_leftovers = (
         sum(1 for rank in staging.glob("rank-*") for _ in rank.iterdir()) if staging.is_dir() else 0
     )
     return report
 
 
+def print_report(report: VerifyReport, root: Path) -> None:
+    for sample_id, problem in report.problems.items():
+        print(f"BAD {sample_id}: {problem}")
+    print(
+        f"verify: {report.checked} samples checked, {len(report.problems)} bad, "
+        f"{report.staging_leftovers} uncommitted leftovers (removed by the next precompute)"
+    )
+    if report.problems:
+        print(
+            f"fix: `alpamayo-cache repair {root}` moves the bad samples to quarantine/, then re-run the same "
+            "precompute command: it makes exactly those samples again"
+        )
+
+
+def repair(root: Path) -> list[str]:
+    """Move every sample that fails verification into ``quarantine/`` (nothing is deleted)."""
+    report = verify(root)
+    quarantine = Path(root) / F.QUARANTINE_DIR
+    moved = []
+    for sample_id, problem in report.problems.items():
+        quarantine.mkdir(exist_ok=True)
+        target = F.inside(root, quarantine / sample_id)
+        suffix = 1
+        while target.exists():  # an earlier repair quarantined the same id: keep both
+            target = quarantine / f"{sample_id}.{suffix}"
+            suffix += 1
+        os.rename(Path(root) / F.SAMPLES_DIR / sample_id, target)
+        log.info(f"quarantined {sample_id}: {problem}")
+        moved.append(sample_id)
+    print(
+        f"repair: {report.checked} samples checked, {len(moved)} moved to {quarantine}"
+        + ("; re-run the same precompute command to make them again" if moved else "")
+    )
+    return moved
+
+
 def summary(root: Path) -> dict:
     reader = StoreReader(root)
     infos = reader.sample_infos()
-    size = sum(f.stat().st_size for f in (Path(root) / L.SAMPLES_DIR).rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in (Path(root) / F.SAMPLES_DIR).rglob("*") if f.is_file())
     lengths = [i.length for i in infos.values()]
     return {
         "store": str(root),

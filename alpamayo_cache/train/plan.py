@@ -1,10 +1,14 @@
-"""GPU memory plan for one training step, computed from the model dimensions and the options.
+"""The plan of a training run: memory of one step and disk of its checkpoints, from the model
+dimensions and the options, with a verdict against the GPU memory the user has.
+
+Memory of one step:
 
 Terms (bytes):
 - weights: every head parameter in the training dtype (bf16 on GPU), LoRA adapters in fp32;
 - grads: one per trainable parameter, in its dtype;
 - optimizer: AdamW's two moments, fp32 (8 B/param), or 8-bit (2 B/param) with bitsandbytes;
-- kv batch: micro-batch x L x 36 layers x K,V x 8 heads x 128 x 2 B (bf16 K/V on the GPU);
+- kv batch: micro-batch x L x 36 layers x K,V x 8 heads x 128 x itemsize (the stored precision: 2 B for
+  bf16, 1 B for fp8, which is dequantised one layer at a time on the GPU);
 - activations: what autograd keeps for backward. Per expert layer and sample the big items are the
   concatenated [prefix ; action] K and V (2 x h x (L + w) x d), plus the w-token hidden states and
   MLP intermediates. With gradient checkpointing only each layer's input is kept, plus one layer
@@ -17,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alpamayo_cache.config import ModelConfig
+from alpamayo_cache.runtime import human_bytes
 
 GIB = 1024**3
 CUDA_OVERHEAD = 1 * GIB  # only counted for CUDA plans
@@ -75,7 +80,7 @@ class MemoryPlan:
             for k in ("weights", "grads", "optimizer", "kv_batch", "activations", "overhead")
         ]
         rows.append(("total", self.total))
-        return "\n".join(f"  {name:<12} {value / GIB:7.2f} GiB" for name, value in rows)
+        return "\n".join(f"  {name:<12} {human_bytes(value):>10}" for name, value in rows)
 
 
 def plan(
@@ -88,6 +93,7 @@ def plan(
     param_bytes: int = 2,
     lora_rank: int = 16,
     cuda: bool = True,
+    kv_itemsize: int = 2,
 ) -> MemoryPlan:
     counts = head_parameter_count(cfg)
     total_params = sum(counts.values())
@@ -111,7 +117,7 @@ def plan(
     e, t = cfg.expert, cfg.text
     w = cfg.n_waypoints
     act_bytes = 2 if param_bytes == 2 else 4
-    kv_batch = micro_batch * prefix_len * t.num_layers * 2 * t.num_kv_heads * t.head_dim * 2
+    kv_batch = micro_batch * prefix_len * t.num_layers * 2 * t.num_kv_heads * t.head_dim * kv_itemsize
     hidden = micro_batch * w * e.hidden_size * act_bytes
     # Per layer kept for backward: cat'ed K and V, q/k/v/o of the w tokens, MLP gate/up/act, norms.
     concat_kv = 2 * micro_batch * t.num_kv_heads * (prefix_len + w) * t.head_dim * act_bytes
@@ -126,3 +132,58 @@ def plan(
     else:
         activations = t.num_layers * per_layer
     return MemoryPlan(weights, grads, optim, kv_batch, activations, CUDA_OVERHEAD if cuda else 0)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Memory of one step and disk of the run's checkpoints, with what they were computed for."""
+
+    memory: MemoryPlan
+    checkpoint_bytes: int  # one checkpoint: head file + trainer state (trainable copy + optimizer)
+    peak_disk_bytes: int  # kept checkpoints + the best + the one being written
+    where: str  # "GPU" or "CPU RAM"
+    summary: str
+
+    def describe(self, budget_gb: float) -> str:
+        fits = self.memory.total <= budget_gb * GIB
+        verdict = (
+            f"fits {budget_gb:g} GiB ({human_bytes(self.memory.total)})"
+            if fits
+            else f"does NOT fit {budget_gb:g} GiB ({human_bytes(self.memory.total)})"
+        )
+        return (
+            f"plan ({self.summary}):\n{self.memory.table()}\n"
+            f"  verdict: {self.where} memory {verdict}\n"
+            f"  disk: {human_bytes(self.checkpoint_bytes)} per checkpoint, {human_bytes(self.peak_disk_bytes)} peak"
+        )
+
+
+def plan_for(
+    train_cfg,
+    model: ModelConfig,
+    prefix_len: int,
+    device: str,
+    optimizer: str,
+    checkpointing: bool,
+    kv_dtype: str,
+) -> TrainPlan:
+    """The plan of ``train_cfg`` (a TrainConfig) on ``device`` for prefixes of ``prefix_len`` tokens."""
+    cuda = device.startswith("cuda")
+    param_bytes = 2 if cuda or train_cfg.dtype == "bf16" else 4
+    kv_itemsize = {"bf16": 2, "fp32": 4, "fp8": 1}.get(kv_dtype, 2)
+    mem = plan(
+        model, prefix_len, train_cfg.micro_batch, train_cfg.scope, optimizer, checkpointing,
+        param_bytes=param_bytes, lora_rank=train_cfg.lora_rank, cuda=cuda, kv_itemsize=kv_itemsize,
+    )  # fmt: skip
+    counts = head_parameter_count(model)
+    groups = {"all": sum(counts.values()), "heads": counts["action_in_proj"] + counts["action_out_proj"]}
+    head_params = groups.get(train_cfg.scope, sum(counts.values()))  # lora exports merged full weights
+    trainable_bytes = (
+        mem.grads if train_cfg.scope != "lora" else lora_parameter_count(model, train_cfg.lora_rank) * 4
+    )
+    one = head_params * param_bytes + trainable_bytes + mem.optimizer
+    summary = (
+        f"{model.name}, L={prefix_len}, micro-batch {train_cfg.micro_batch}, {train_cfg.scope}, {optimizer}, "
+        f"checkpointing {'on' if checkpointing else 'off'}, K/V {kv_dtype}"
+    )
+    return TrainPlan(mem, one, one * (train_cfg.keep_checkpoints + 2), "GPU" if cuda else "CPU RAM", summary)

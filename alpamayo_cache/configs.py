@@ -1,0 +1,251 @@
+"""The settings of every stage: one frozen dataclass per command, each field declared once.
+
+The CLI, config files and ``--set`` are generated from these declarations (see ``options.py``);
+``__post_init__`` checks ranges and combinations, so a bad value is refused before any work starts.
+This module imports nothing heavy: ``alpamayo-cache --help`` builds from it instantly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from alpamayo_cache.errors import UserError
+from alpamayo_cache.options import option
+
+SYNTHETIC = "synthetic"
+PROMPT_MODES = ("traj-only", "reasoning")
+KV_DTYPES = ("bf16", "fp32", "fp8")
+SCOPES = ("all", "heads", "lora")
+DEVICE_HELP = "auto (CUDA if present) | cpu | cuda | cuda:N."
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _choice(value: str, allowed: tuple[str, ...], flag: str) -> None:
+    _check(value in allowed, f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    store: Path = option(Path("cache_store/tiny-traj-only"), help="Feature store to create or resume.")
+    data: str = option(
+        SYNTHETIC, help="Local PhysicalAI-AV folder or hub cache, own-clips folder, or 'synthetic'."
+    )
+    model: str = option(
+        "tiny", help="Preset (tiny, alpamayo-r1-10b) or a local Alpamayo-R1 checkpoint folder."
+    )
+    tokenizer: Path | None = option(
+        None, help="Local tokenizer folder (real models; default: the model folder)."
+    )
+    prompt_mode: str = option("traj-only", help="traj-only | reasoning (chain-of-causation text first).")
+    keyframes: str = option("default", help="default (t0 = 5.1 s) | max-curvature | stride:<seconds>.")
+    camera_sets: tuple[str, ...] = option(
+        ("default",), flag="--camera-set", help="default | front-only | mask:<cam>[+<cam>] (repeatable)."
+    )
+    clips_file: Path | None = option(None, flag="--clips", help="File with one clip id per line.")
+    limit: int | None = option(None, help="Only the first N clips (pilot runs).")
+    val_percent: int = option(10, help="Share of clips (by a hash of the clip id) held out as 'val'.")
+    kv_dtype: str = option(
+        "auto", help="K/V precision on disk: auto (the compute dtype) | bf16 | fp32 | fp8."
+    )
+    device: str = option("auto", help=DEVICE_HELP)
+    dtype: str = option("auto", help="VLM compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32.")
+    reader: str = option("auto", help="auto | devkit (hub cache) | folder (plain download folder).")
+    revision: str | None = option(None, help="Dataset revision inside a hub cache (default: refs/main).")
+    rank: int | None = option(
+        None, help="This process's share of the clips (default: from torchrun/accelerate)."
+    )
+    world_size: int | None = option(None, help="Number of processes sharing the clips.")
+    synthetic_clips: int = option(48, help="Clips the built-in synthetic dataset has (--data synthetic).")
+    synthetic_dir: Path = option(
+        Path("cache_store/synthetic-data"), help="Where the synthetic clips are written."
+    )
+    seed: int = option(0, help="Seed of the synthetic data and of reasoning sampling.")
+    max_reasoning_tokens: int = option(32, help="Longest sampled reasoning (prompt mode 'reasoning').")
+    max_ego_gap_s: float = option(0.35, help="Skip keyframes whose egomotion has a gap longer than this (s).")
+    dry_run: bool = option(False, help="Print the plan (samples, bytes, free disk) and stop.")
+    disk_margin: float = option(0.95, help="Share of the free disk a plan may use.", cli=False)
+
+    def __post_init__(self) -> None:
+        _choice(self.prompt_mode, PROMPT_MODES, "--prompt-mode")
+        _choice(self.kv_dtype, ("auto", *KV_DTYPES), "--kv-dtype")
+        _choice(self.reader, ("auto", "devkit", "folder"), "--reader")
+        _choice(self.dtype, ("auto", "bf16", "fp32"), "--dtype")
+        _check(0 <= self.val_percent <= 100, "--val-percent must be between 0 and 100")
+        _check(self.limit is None or self.limit >= 1, "--limit must be at least 1")
+        _check(self.synthetic_clips >= 1, "--synthetic-clips must be at least 1")
+        _check(self.max_reasoning_tokens >= 1, "--max-reasoning-tokens must be at least 1")
+        _check(self.max_ego_gap_s > 0, "--max-ego-gap-s must be positive")
+        _check(0 < self.disk_margin <= 1, "disk_margin must be in (0, 1]")
+        _check(bool(self.camera_sets), "--camera-set needs at least one camera set")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    store: Path = option(
+        Path("cache_store/tiny-traj-only"), positional=True, help="Feature store (precompute)."
+    )
+    run: str | None = option(None, help="Run name: output goes to runs/<name> (default: the store's name).")
+    run_dir: Path | None = option(None, help="Output folder (overrides --run).")
+    init: str = option(
+        "auto", help="Starting weights: auto (the store's preset) | preset | released folder | run."
+    )
+    scope: str = option("all", flag="--train", help="What trains: all (expert + projections) | heads | lora.")
+    lora_rank: int = option(16, help="LoRA rank (--train lora).")
+    lora_alpha: int = option(32, help="LoRA alpha (--train lora).")
+    split: str = option("train", help="Split trained on.")
+    val_split: str = option("val", help="Split for the validation loss ('' for none).")
+    camera_sets: tuple[str, ...] = option(
+        (), flag="--camera-set", help="Only these camera sets (repeatable)."
+    )
+    steps: int = option(60, help="Optimizer steps of the whole run (the schedule spans them).")
+    stop_after: int | None = option(None, help="End this invocation after N steps (resume later).")
+    micro_batch: int = option(4, help="Samples per forward pass.")
+    grad_accum: int = option(1, help="Micro-batches per optimizer step.")
+    lr: float | None = option(None, help="Peak learning rate (default 3e-3 tiny, 5e-5 real size).")
+    min_lr_ratio: float = option(0.1, help="Cosine schedule floor, as a share of --lr.")
+    warmup_steps: int = option(5, help="Linear warm-up steps.")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    betas: tuple[float, float] = option((0.9, 0.95), help="AdamW betas.", cli=False)
+    grad_clip: float = option(1.0, help="Gradient-norm clip (0 disables).")
+    optimizer: str = option("auto", help="auto (8-bit AdamW on CUDA when available) | adamw | adamw8bit.")
+    checkpointing: str = option("auto", help="Gradient checkpointing: auto (on for CUDA) | on | off.")
+    attention: str = option("", help="Action-token attention: '' (the model's) | bidirectional | causal.")
+    device: str = option("auto", help=DEVICE_HELP)
+    dtype: str = option("auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32.")
+    seed: int = option(0, help="Seed of batch order, noise and timesteps.")
+    val_every: int = option(20, help="Validation loss every N steps.")
+    save_every: int = option(20, help="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = option(
+        2, help="Keep the newest N checkpoints (plus the best by validation loss)."
+    )
+    val_draws: int = option(4, help="Noise draws per validation sample.")
+    num_workers: int = option(-1, help="DataLoader workers (-1: 0 on CPU, 4 on GPU).")
+    gpu_memory_gb: float = option(24.0, help="GPU memory the plan is checked against (GiB).")
+    resume: bool = option(False, help="Continue the run in the run folder from its newest checkpoint.")
+    resume_with_changes: bool = option(
+        False, help="Allow --resume with changed settings (recorded in the run)."
+    )
+    overwrite: bool = option(False, help="Start the run folder over (only a folder this program made).")
+    dry_run: bool = option(False, help="Print the memory and disk plan; refuse one that does not fit.")
+
+    def __post_init__(self) -> None:
+        _choice(self.scope, SCOPES, "--train")
+        _choice(self.optimizer, ("auto", "adamw", "adamw8bit"), "--optimizer")
+        _choice(self.checkpointing, ("auto", "on", "off"), "--checkpointing")
+        _choice(self.attention, ("", "bidirectional", "causal"), "--attention")
+        _choice(self.dtype, ("auto", "bf16", "fp32"), "--dtype")
+        for name in (
+            "steps",
+            "micro_batch",
+            "grad_accum",
+            "val_every",
+            "save_every",
+            "val_draws",
+            "lora_rank",
+        ):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
+        _check(self.stop_after is None or self.stop_after >= 1, "--stop-after must be at least 1")
+        _check(self.lr is None or self.lr > 0, "--lr must be positive")
+        _check(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be between 0 and 1")
+        _check(
+            self.warmup_steps >= 0 and self.weight_decay >= 0, "--warmup-steps/--weight-decay must be >= 0"
+        )
+        _check(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
+        _check(all(0 <= b < 1 for b in self.betas), "betas must lie in [0, 1)")
+        _check(self.gpu_memory_gb > 0, "--gpu-memory-gb must be positive")
+        _check(
+            not (self.resume and self.overwrite), "--resume and --overwrite contradict each other: pick one"
+        )
+
+    @property
+    def output_dir(self) -> Path:
+        if self.run_dir is not None:
+            return Path(self.run_dir)
+        return Path("runs") / (self.run or Path(self.store).name)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    store: Path = option(
+        Path("cache_store/tiny-traj-only"), positional=True, help="Feature store (precompute)."
+    )
+    baseline: str = option("auto", help="auto (the store's preset) | preset | released Alpamayo-R1 folder.")
+    checkpoints: tuple[str, ...] = option(
+        (), flag="--checkpoint", help="Run folder or head file (repeatable)."
+    )
+    out_dir: Path | None = option(None, flag="--out", help="Report folder (default: <first run>/eval).")
+    split: str = option("val", help="val | train | all.")
+    camera_sets: tuple[str, ...] = option(
+        (), flag="--camera-set", help="Only these camera sets (repeatable)."
+    )
+    num_samples: int = option(6, help="Trajectories per sample (best-of-K).")
+    num_steps: int = option(10, help="Euler steps of the flow-matching sampler.")
+    seed: int = option(0, help="Seed of the per-sample initial noise (the same for every model).")
+    micro_batch: int = option(8, help="Samples per forward pass.")
+    attention: str = option("", help="'' (the model's) | bidirectional | causal.")
+    device: str = option("auto", help=DEVICE_HELP)
+    dtype: str = option("auto", help="auto | bf16 | fp32.")
+    bootstrap: int = option(2000, help="Bootstrap resamples for the intervals.")
+    plots: bool = option(True, help="Draw plots.")
+    max_panels: int = option(8, help="Example panels in the report.")
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "num_steps", "micro_batch", "bootstrap"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
+        _check(self.max_panels >= 0, "--max-panels must be >= 0")
+        _choice(self.split, ("val", "train", "all"), "--split")
+        _choice(self.attention, ("", "bidirectional", "causal"), "--attention")
+        _choice(self.dtype, ("auto", "bf16", "fp32"), "--dtype")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    data: str = option(SYNTHETIC, help="Local PhysicalAI-AV folder, own-clips folder, or 'synthetic'.")
+    model: str = option("tiny", help="Preset or local Alpamayo-R1 folder.")
+    tokenizer: Path | None = option(None, help="Local tokenizer folder (real models).")
+    name: str | None = option(None, help="Names the store and the run (default <model>-<prompt mode>).")
+    prompt_mode: str = option("traj-only", help="traj-only | reasoning.")
+    keyframes: str | None = option(None, help="Default: stride:1 on synthetic clips, else default.")
+    camera_sets: tuple[str, ...] = option(("default",), flag="--camera-set", help="Camera sets (repeatable).")
+    limit: int | None = option(None, help="Only the first N clips.")
+    steps: int = option(600, help="Training steps.")
+    scope: str = option("all", flag="--train", help="all | heads | lora.")
+    device: str = option("auto", help=DEVICE_HELP)
+    pilot: bool = option(
+        False, help="A first small run: 6 clips, one epoch (default name <model>-<prompt mode>-pilot)."
+    )
+    stores: Path = option(Path("cache_store"), help="Folder of stores.")
+    runs: Path = option(Path("runs"), help="Folder of runs.")
+
+    def __post_init__(self) -> None:
+        _choice(self.prompt_mode, PROMPT_MODES, "--prompt-mode")
+        _choice(self.scope, SCOPES, "--train")
+        _check(self.steps >= 1, "--steps must be at least 1")
+        _check(self.limit is None or self.limit >= 1, "--limit must be at least 1")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    out: Path = option(
+        Path("cache_store/synthetic-data"), positional=True, help="Folder to write the clips into."
+    )
+    clips: int = option(48, help="Number of clips.")
+    seed: int = option(0, help="Seed.")
+    fault: tuple[str, ...] = option(
+        (),
+        help="Inject KIND=CLIP_INDEX; KIND: missing_camera, corrupt_video, short, nan_egomotion (repeatable).",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.clips >= 1, "--clips must be at least 1")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    store: Path = option(Path("cache_store/tiny-traj-only"), positional=True, help="Feature store.")

@@ -1,0 +1,282 @@
+"""The feature store's format: a versioned product that readers check before trusting.
+
+```
+<store>/
+  zarr.json                    root group; attributes["alpamayo_cache"] = StoreInfo (versions, fingerprint)
+  samples/<sample_id>/         one committed sample = one zarr group (present here = committed)
+    kv        [l, 2, h, L, d]  keys (0) and values (1) per VLM layer, one chunk per layer:
+                               bf16 bits as uint16 | fp32 | fp8 e4m3 bytes as uint8
+    kv_scale  [l, 2]           fp8 only: per-layer, per K|V dequantisation scale
+    hidden    [D]              VLM last hidden state (after the final norm) at <|traj_future_start|>
+    hist_xyz [16,3] hist_rot [16,3,3] fut_xyz [64,3] fut_rot [64,3,3] action [64,2]   float32, ego frame
+    thumbs    [c, 48, 80, 3]   uint8 camera thumbnails (last frame of each camera) for plots
+  staging/rank-<r>/<id>/       samples being written; renamed into samples/ when complete
+  quarantine/<id>/             damaged samples moved aside by `repair` (re-made by the next precompute)
+  failures/rank-<r>.jsonl      clips/samples that could not be made, with the reason
+  locks/rank-<r>.lock          held by the writer of that rank
+```
+Every array carries a crc32c codec (codec chain [bytes little-endian, crc32c], no compression), so
+flipped or truncated bytes raise on read instead of returning wrong numbers; a missing chunk (which
+zarr would fill with zeros) is caught too. Sample and clip ids are data, never paths: they are checked
+against ``SAFE_ID`` before any path is built from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alpamayo_cache.configs import KV_DTYPES
+from alpamayo_cache.errors import UserError
+
+# v2: inputs bit-exact with the release's inference path (history tokens, ego frame, pixels).
+LAYOUT_VERSION = 2
+STORE_ATTR = "alpamayo_cache"
+SAMPLES_DIR = "samples"
+STAGING_DIR = "staging"
+QUARANTINE_DIR = "quarantine"
+FAILURES_DIR = "failures"
+LOCKS_DIR = "locks"
+ROOT_ENTRIES = {"zarr.json", SAMPLES_DIR, STAGING_DIR, QUARANTINE_DIR, FAILURES_DIR, LOCKS_DIR}
+
+KV = "kv"
+KV_SCALE = "kv_scale"
+HIDDEN = "hidden"
+HIST_XYZ = "hist_xyz"
+HIST_ROT = "hist_rot"
+FUT_XYZ = "fut_xyz"
+FUT_ROT = "fut_rot"
+ACTION = "action"
+THUMBS = "thumbs"
+THUMB_SIZE = (48, 80)
+TRUTH_ARRAYS = (HIST_XYZ, HIST_ROT, FUT_XYZ, FUT_ROT, ACTION)
+KV_ITEMSIZE = {"bf16": 2, "fp32": 4, "fp8": 1}
+
+# Ids become folder names: letters, digits, '.', '_', '-', at most 200 characters, never '.' or '..'.
+SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+
+
+class CorruptSample(UserError):
+    """A committed sample whose bytes or metadata are damaged; the message names the sample."""
+
+
+def check_id(value: str, kind: str = "clip id") -> str:
+    if not isinstance(value, str) or not SAFE_ID.match(value) or ".." in value:
+        raise UserError(
+            f"{kind} {value!r} is not a safe name (letters, digits, '.', '_', '-'; at most 200 characters)"
+        )
+    return value
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` if it lies inside ``root`` (after resolving links), else refuse: nothing is written or
+    deleted outside the folder the user named."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise UserError(f"refusing to touch {path}: it lies outside {root}")
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What produced the store. The fingerprint covers everything that changes the features."""
+
+    layout_version: int
+    model_name: str
+    model_identity: str  # hash of the VLM weights' identity (files, sizes) or "preset:<name>:seed"
+    model_config: dict[str, Any]
+    prompt_mode: str
+    kv_dtype: str
+    compute_dtype: str
+    attn_implementation: str
+    fingerprint: str = ""
+    created_by: dict[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def compute_fingerprint(
+        model_identity: str, model_config: dict, prompt_mode: str, kv_dtype: str, compute_dtype: str
+    ) -> str:
+        payload = json.dumps(
+            {
+                "layout": LAYOUT_VERSION,
+                "model": model_identity,
+                "config": model_config,
+                "prompt": prompt_mode,
+                "kv_dtype": kv_dtype,
+                "compute_dtype": compute_dtype,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StoreInfo:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """Per-sample attributes (stored in the sample group's zarr.json)."""
+
+    sample_id: str
+    clip_id: str
+    t0_us: int
+    camera_set: str
+    cameras: list[str]
+    split: str
+    length: int  # L: prefix tokens, up to and including <|traj_future_start|>
+    rope_delta: int
+    reasoning: str = ""
+    writer: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SampleInfo:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# -- the root ------------------------------------------------------------------------------------------
+
+
+def read_info(root: Path) -> StoreInfo:
+    """The root's StoreInfo, refusing anything that is not a readable store of this version."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"store {root} does not exist: run `alpamayo-cache precompute` first")
+    if not root.is_dir():
+        raise UserError(f"store {root} is a file, not a store folder: pass the store's folder")
+    marker = root / "zarr.json"
+    if not marker.is_file():
+        raise UserError(
+            f"{root} is not an alpamayo-cache store (no zarr.json): run `alpamayo-cache precompute`"
+        )
+    try:
+        attrs = json.loads(marker.read_text()).get("attributes", {})
+        data = attrs[STORE_ATTR]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserError(
+            f"{marker} is unreadable (truncated or damaged): restore it from a copy, or re-run precompute "
+            "into a new --store"
+        ) from None
+    except KeyError:
+        raise UserError(f"{root} is a zarr group but not an alpamayo-cache store") from None
+    version = data.get("layout_version") if isinstance(data, dict) else None
+    if version != LAYOUT_VERSION:
+        older = isinstance(version, int) and version < LAYOUT_VERSION
+        why = (
+            "an older alpamayo-cache whose inputs were not bit-exact with the release"
+            if older
+            else "another version"
+        )
+        raise UserError(
+            f"store {root} has layout v{version}, made by {why}; this alpamayo-cache reads v{LAYOUT_VERSION}: "
+            "re-run precompute into a new --store path"
+        )
+    try:
+        return StoreInfo.from_dict(data)
+    except TypeError:
+        raise UserError(
+            f"{marker}: store metadata is incomplete; re-run precompute into a new --store"
+        ) from None
+
+
+def write_info(root: Path, info: StoreInfo) -> None:
+    """Write the root group's zarr.json atomically (a temporary file renamed into place)."""
+    payload = {"zarr_format": 3, "node_type": "group", "attributes": {STORE_ATTR: info.to_dict()}}
+    marker = Path(root) / "zarr.json"
+    tmp = marker.with_name(f".zarr.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, marker)
+
+
+def committed_samples(root: Path) -> list[str]:
+    """Ids of every committed sample (the samples/ listing is the index), sorted."""
+    folder = Path(root) / SAMPLES_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and SAFE_ID.match(p.name))
+
+
+# -- arrays --------------------------------------------------------------------------------------------
+
+
+def create_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...] | None = None) -> None:
+    """One array with the store's codec chain; every chunk is written, so a missing file means damage."""
+    from zarr.codecs import Crc32cCodec
+
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks or data.shape,
+        compressors=[Crc32cCodec()],
+        fill_value=0,
+        chunk_key_encoding={"name": "default", "separator": "."},
+        config={"write_empty_chunks": True},
+    )
+    arr[...] = data
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+    if kv_dtype not in KV_ITEMSIZE:
+        raise UserError(f"--kv-dtype must be one of {KV_DTYPES}")
+    return num_layers * 2 * kv_heads * head_dim * KV_ITEMSIZE[kv_dtype]
+
+
+def sample_bytes(
+    length: int, layers: int, kv_heads: int, head_dim: int, kv_dtype: str, hidden: int, cameras: int
+) -> int:
+    """Bytes one committed sample takes on disk: every array, its crc, and the metadata files."""
+    crc = 4
+    kv = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype) * length + layers * crc
+    arrays = [hidden * 4, 16 * 3 * 4, 16 * 9 * 4, 64 * 3 * 4, 64 * 9 * 4, 64 * 2 * 4]
+    arrays.append(cameras * THUMB_SIZE[0] * THUMB_SIZE[1] * 3)
+    if kv_dtype == "fp8":
+        arrays.append(layers * 2 * 4)
+    metadata = 700 * (len(arrays) + 1) + 1500  # one zarr.json per array (~700 B) + the group's attrs
+    return kv + sum(a + crc for a in arrays) + metadata
+
+
+def encode_kv(kv: Any, kv_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """torch [l, 2, h, L, d] -> (bits for disk, per-(layer, K|V) scale for fp8 or None)."""
+    import torch
+
+    if kv_dtype == "bf16":
+        return kv.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16), None
+    if kv_dtype == "fp32":
+        return kv.float().contiguous().cpu().numpy(), None
+    if kv_dtype == "fp8":
+        x = kv.float()
+        # Per (layer, K|V) scale so the largest magnitude maps to e4m3's max (448).
+        amax = x.abs().amax(dim=(2, 3, 4)).clamp_min(1e-12)
+        scale = amax / 448.0
+        q = (x / scale[:, :, None, None, None]).to(torch.float8_e4m3fn)
+        return q.contiguous().view(torch.uint8).cpu().numpy(), scale.cpu().numpy().astype(np.float32)
+    raise UserError(f"--kv-dtype must be one of {KV_DTYPES}")
+
+
+def disk_dtype(kv_dtype: str) -> np.dtype:
+    """numpy dtype of the stored K/V bits (zarr has no bfloat16 or float8)."""
+    return np.dtype({"bf16": np.uint16, "fp32": np.float32, "fp8": np.uint8}[kv_dtype])
+
+
+def dequantize(x: Any, scale: Any | None, dtype: Any) -> Any:
+    """Stored K or V [b, h, t, d] -> ``dtype`` on its own device. ``scale`` [b] (fp8: one per sample,
+    layer and K|V) multiplies in float32 before the cast, so no precision is lost on the way."""
+    if scale is None:
+        return x.to(dtype)
+    return (x.float() * scale.float()[:, None, None, None]).to(dtype)
