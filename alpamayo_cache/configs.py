@@ -17,6 +17,7 @@ SYNTHETIC = "synthetic"
 PROMPT_MODES = ("traj-only", "reasoning")
 KV_DTYPES = ("bf16", "fp32", "fp8")
 SCOPES = ("all", "heads", "lora")
+OBJECTIVES = ("fm",)
 DEVICE_HELP = "auto (CUDA if present) | cpu | cuda | cuda:N."
 
 
@@ -95,6 +96,7 @@ class TrainConfig:
         "auto", help="Starting weights: auto (the store's preset) | preset | released folder | run."
     )
     scope: str = option("all", flag="--train", help="What trains: all (expert + projections) | heads | lora.")
+    objective: str = option("fm", help="Training objective: fm (flow matching to the logged trajectory).")
     lora_rank: int = option(16, help="LoRA rank (--train lora).")
     lora_alpha: int = option(32, help="LoRA alpha (--train lora).")
     split: str = option("train", help="Split trained on.")
@@ -135,6 +137,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice(self.scope, SCOPES, "--train")
+        _choice(self.objective, OBJECTIVES, "--objective")
         _choice(self.optimizer, ("auto", "adamw", "adamw8bit"), "--optimizer")
         _choice(self.checkpointing, ("auto", "on", "off"), "--checkpointing")
         _choice(self.attention, ("", "bidirectional", "causal"), "--attention")

@@ -27,8 +27,9 @@ from alpamayo_cache.config import resolve_model
 from alpamayo_cache.data.samples import load_sample
 from alpamayo_cache.data.source import open_source
 from alpamayo_cache.data.synthetic import write_dataset
-from alpamayo_cache.model import flow_matching as fm
+from alpamayo_cache.model.expert import Prefix
 from alpamayo_cache.model.head import init_head
+from alpamayo_cache.model.policy import draw_noise
 from alpamayo_cache.model.vlm import FrozenVLM, stack_prefixes
 from alpamayo_cache.precompute import PrecomputeConfig
 from alpamayo_cache.precompute import run as precompute
@@ -38,8 +39,8 @@ from alpamayo_cache.store.reader import StoreReader
 
 
 def head_step(head, optimizer, prefix, action: torch.Tensor, generator: torch.Generator) -> float:
-    pair = fm.make_pair(action, generator=generator)
-    loss = fm.loss(pair, head(pair.noisy_x, pair.timesteps, prefix))
+    t, noise = draw_noise(action.shape[0], 1, action.shape[1], generator)
+    loss = head(prefix, action, t, noise)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -93,7 +94,7 @@ def main() -> None:
         """The seed approach's step: frozen VLM forward on every sample, then the head step."""
         prefix = stack_prefixes([vlm.encode(s.images, s.hist_xyz, "traj-only") for s in samples])
         action = torch.stack([reader.read(ids[i]).action for i in idx]).to(args.device)
-        head_step(head, optimizer, prefix.to(args.device, dtype), action, g)
+        head_step(head, optimizer, prefix.to(args.device), action, g)
 
     def seed_loop(n: int) -> float:
         it = batches()
@@ -108,7 +109,9 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(n):
             batch = collate([reader.read(ids[i]) for i in next(it)])
-            head_step(head, optimizer, batch.prefix.to(args.device, dtype), batch.action.to(args.device), g)
+            head_step(
+                head, optimizer, Prefix.from_batch(batch).to(args.device), batch.action.to(args.device), g
+            )
         return n * args.batch / (time.perf_counter() - start)
 
     def online_loop(n: int) -> float:

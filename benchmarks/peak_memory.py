@@ -22,10 +22,10 @@ import time
 import torch
 
 from alpamayo_cache.config import REAL
-from alpamayo_cache.memory import GIB
-from alpamayo_cache.memory import plan as memory_plan
-from alpamayo_cache.model import flow_matching as fm
-from alpamayo_cache.model.expert import Prefix, TrajectoryHead
+from alpamayo_cache.model.expert import Prefix
+from alpamayo_cache.model.policy import Policy, draw_noise
+from alpamayo_cache.train.plan import GIB
+from alpamayo_cache.train.plan import plan as memory_plan
 
 L = 2993
 
@@ -38,7 +38,7 @@ def one(micro_batch: int, checkpointing: bool, optimizer_name: str, device: str)
     torch.manual_seed(0)
     base_rss = rss_gib()
     with torch.device("meta"):
-        head = TrajectoryHead(REAL)
+        head = Policy(REAL)
     head = head.to_empty(device=device).to(torch.bfloat16)
     with torch.no_grad():
         for p in head.parameters():
@@ -64,8 +64,9 @@ def one(micro_batch: int, checkpointing: bool, optimizer_name: str, device: str)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    pair = fm.make_pair(torch.randn(micro_batch, 64, 2, device=device))
-    loss = fm.loss(pair, head(pair.noisy_x.to(torch.bfloat16), pair.timesteps, prefix))
+    t, noise = draw_noise(micro_batch, 1, 64, torch.Generator().manual_seed(0))
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+        loss = head(prefix, torch.randn(micro_batch, 64, 2, device=device), t, noise)
     loss.backward()
     opt.step()
     seconds = time.perf_counter() - start

@@ -8,11 +8,9 @@ run, or the same global batch split over ranks (accelerate / torchrun), computes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +21,12 @@ from alpamayo_cache.config import ModelConfig
 from alpamayo_cache.configs import TrainConfig
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.model.expert import Prefix
-from alpamayo_cache.model.policy import draw_noise
 from alpamayo_cache.runtime import log, progress
-from alpamayo_cache.store.dataset import Batch, CachedFeatures, collate, rank_batches
+from alpamayo_cache.store.dataset import CachedFeatures
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.train import checkpoints as C
+from alpamayo_cache.train.feed import batch_stream, noise_generator
+from alpamayo_cache.train.objectives import make_objective
 from alpamayo_cache.train.plan import GIB, plan_for
 from alpamayo_cache.train.setup import Setup, build, choose_device, export_head, select_samples
 from alpamayo_cache.train.validation import validation_loss
@@ -42,37 +41,6 @@ class TrainResult:
     step: int
     data_wait_share: float = 0.0
     extra: dict = field(default_factory=dict)
-
-
-def noise_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
-    """The generator of one micro-batch's flow-matching draws, named by its place in the epoch."""
-    digest = hashlib.sha256(f"{seed}:{epoch}:{batch_index}".encode()).hexdigest()
-    return torch.Generator().manual_seed(int(digest[:15], 16))
-
-
-def batch_stream(
-    dataset: CachedFeatures, cfg: TrainConfig, state: C.TrainState, rank: int, world: int, pin: bool
-) -> Iterator[tuple[int, int, Batch]]:
-    """Endless (epoch, batch index, batch); ``state`` (epoch, batch_in_epoch) advances as batches are taken."""
-    from torch.utils.data import DataLoader
-
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if pin else 0)
-    while True:
-        mine = rank_batches(dataset.lengths, cfg.micro_batch, cfg.seed, state.epoch, rank, world)
-        remaining = mine[state.batch_in_epoch :]
-        loader = DataLoader(
-            dataset,
-            batch_sampler=[idx for _, idx in remaining],
-            collate_fn=collate,
-            num_workers=workers,
-            pin_memory=pin,
-            prefetch_factor=2 if workers else None,
-        )
-        for (index, _), batch in zip(remaining, loader, strict=True):
-            state.batch_in_epoch += 1
-            yield state.epoch, index, batch
-        state.epoch += 1
-        state.batch_in_epoch = 0
 
 
 class StopRequest:
@@ -183,6 +151,7 @@ def _train(
     dataset = CachedFeatures(cfg.store, train_ids, reader)
     val_set = CachedFeatures(cfg.store, val_ids, reader) if (val_ids and rank == 0) else None
     batches = batch_stream(dataset, cfg, state, rank, world, pin=setup.device.startswith("cuda"))
+    objective = make_objective(cfg)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     result = TrainResult(run_dir, [], [], None, state.step)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, state.step + cfg.stop_after)
@@ -194,7 +163,7 @@ def _train(
     last_val: float | None = None
     with StopRequest() as stop:
         for _ in progress(range(state.step, end), end - state.step, "train", unit="steps", status=status):
-            record = _step(cfg, accelerator, model, optimizer, setup, batches, world)
+            record = _step(cfg, accelerator, model, optimizer, setup, objective, batches, world)
             state.step += 1
             wall += record["step_s"]
             waited += record["data_wait_s"]
@@ -241,10 +210,13 @@ def _agree(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
 
 
-def _step(cfg: TrainConfig, accelerator, model, optimizer, setup: Setup, batches, world: int) -> dict:
+def _step(
+    cfg: TrainConfig, accelerator, model, optimizer, setup: Setup, objective, batches, world: int
+) -> dict:
     t_start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     step_loss, n_samples, waited = 0.0, 0, 0.0
+    extras: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
         t_wait = time.perf_counter()
         epoch, index, batch = next(batches)
@@ -255,14 +227,14 @@ def _step(cfg: TrainConfig, accelerator, model, optimizer, setup: Setup, batches
                 f"non-finite features (NaN/Inf) in sample(s) {', '.join(batch.sample_ids)} of {cfg.store}: "
                 "the store is damaged; run `alpamayo-cache verify` and `repair`, then precompute again"
             )
-        t, noise = draw_noise(
-            len(batch.sample_ids), 1, batch.action.shape[1], noise_generator(cfg.seed, epoch, index)
-        )
+        generator = noise_generator(cfg.seed, epoch, index)
         sync = micro == cfg.grad_accum - 1
         with accelerator.no_sync(model) if not sync else nullcontext(), accelerator.autocast():
-            loss = model(prefix, batch.action.to(setup.device), t, noise)
+            loss, extra = objective.loss(model, prefix, batch, generator, setup.device)
             accelerator.backward(loss / cfg.grad_accum)
         step_loss += accelerator.reduce(loss.detach(), "mean").item() / cfg.grad_accum
+        for key, value in extra.items():
+            extras[key] = extras.get(key, 0.0) + value / cfg.grad_accum
         n_samples += len(batch.sample_ids) * world
     grad_norm = accelerator.clip_grad_norm_(setup.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
     optimizer.step()
@@ -274,6 +246,7 @@ def _step(cfg: TrainConfig, accelerator, model, optimizer, setup: Setup, batches
         "samples_per_s": n_samples / elapsed,
         "step_s": elapsed,
         "data_wait_s": waited,
+        **extras,
     }
 
 
