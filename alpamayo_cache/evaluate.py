@@ -9,6 +9,7 @@ checked before any work starts, and a failed evaluation removes what it wrote.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -168,9 +169,11 @@ def run(cfg: EvalConfig) -> dict:
     created: list[Path] = []
     try:
         return _evaluate(cfg, reader, store_cfg, sample_ids, models, out, created)
-    except BaseException:
+    except BaseException as exc:
         for path in reversed(created):  # a failed evaluation leaves nothing of its own behind
-            path.unlink(missing_ok=True) if path.is_file() else None
+            path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing the evaluation into {out}: free space and run eval again") from None
         raise
     finally:
         if lock is not None:
@@ -191,8 +194,11 @@ def _predictions(cfg, models, dataset, out: Path, fingerprint: str, sample_ids, 
         predictions[name] = predict(policy, head_cfg, cfg, dataset, device, dtype, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **predictions[name])
-        tmp.replace(path)
+        try:
+            np.savez(tmp, **predictions[name])
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         created.append(path)
     return predictions
 

@@ -9,6 +9,7 @@ happens on a background thread while the next sample is decoded and encoded.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -154,12 +155,18 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
             kv_dtype,
             t.hidden_size,
             len(camera_set(name, model.cameras).cameras),
+            block=_block_size(Path(cfg.store)),
         )
         for name in cfg.camera_sets
     }
     committed = set(F.committed_samples(cfg.store)) if Path(cfg.store).is_dir() else set()
     todo = [s for s in specs if s.sample_id not in committed]
     return Plan(model, source, clips, specs, clip_failures, todo, per_sample, kv_dtype, rank, world)
+
+
+def _block_size(store: Path) -> int:
+    probe = store if store.exists() else next(p for p in store.parents if p.exists())
+    return os.statvfs(probe).f_frsize or 4096
 
 
 def _free_disk(store: Path) -> tuple[Path, int]:

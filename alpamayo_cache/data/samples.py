@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,12 +144,19 @@ def path_curvature(ego, timestamps: np.ndarray) -> np.ndarray:
 
 
 def read_egomotion(source: ClipSource, clip_id: str):
-    """The clip's egomotion interpolator; undecodable egomotion becomes a BadClip."""
+    """The clip's egomotion interpolator; undecodable egomotion becomes a BadClip.
+
+    Non-finite poses make numpy warn (``invalid value encountered in det``) while the dev kit builds
+    its transforms: such a table is refused here instead of letting the raw warning reach the user."""
     try:
-        return source.egomotion(clip_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            return source.egomotion(clip_id)
     except BadClip:
         raise
-    except Exception as exc:  # parquet/scipy errors on damaged or non-finite poses
+    except RuntimeWarning as exc:
+        raise BadClip(f"bad egomotion: non-finite or degenerate poses in the table ({exc})") from None
+    except Exception as exc:  # parquet/scipy errors on damaged poses
         raise BadClip(f"bad egomotion: {type(exc).__name__}: {str(exc)[:80]}") from exc
 
 

@@ -316,8 +316,20 @@ def find_snapshot(path: Path) -> tuple[Path, str] | None:
 
 
 def open_source(path: Path, revision: str | None = None, reader: str = "auto") -> ClipSource:
-    """Open a local dataset folder. ``reader``: auto | devkit | folder (PhysicalAI-AV layouts only)."""
-    path = Path(path)
+    """Open a local dataset folder. ``reader``: auto | devkit | folder (PhysicalAI-AV layouts only).
+    Damaged index files (features.csv, clip_index.parquet, metadata tables) are one-line errors."""
+    try:
+        return _open_source(Path(path), revision, reader)
+    except (UserError, BadClip):
+        raise
+    except Exception as exc:  # pandas/pyarrow/dev-kit errors on damaged or partial downloads
+        raise UserError(
+            f"dataset {path} has an unreadable index file ({type(exc).__name__}: {str(exc)[:200]}): "
+            "re-download the damaged file"
+        ) from None
+
+
+def _open_source(path: Path, revision: str | None, reader: str) -> ClipSource:
     if not path.exists():
         raise UserError(
             f"dataset folder {path} does not exist: download PhysicalAI-AV there or run `alpamayo-cache synth`"

@@ -238,17 +238,31 @@ def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: 
 
 
 def sample_bytes(
-    length: int, layers: int, kv_heads: int, head_dim: int, kv_dtype: str, hidden: int, cameras: int
+    length: int,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    kv_dtype: str,
+    hidden: int,
+    cameras: int,
+    block: int = 4096,
 ) -> int:
-    """Bytes one committed sample takes on disk: every array, its crc, and the metadata files."""
+    """Disk one committed sample takes, as ``du`` counts it: every chunk file (payload + 4-byte crc)
+    and metadata file rounded up to the filesystem's ``block``, plus one block per folder."""
+
+    def on_disk(n: int) -> int:
+        return -(-n // block) * block
+
     crc = 4
-    kv = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype) * length + layers * crc
+    kv_chunk = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype) // layers * length + crc
     arrays = [hidden * 4, 16 * 3 * 4, 16 * 9 * 4, 64 * 3 * 4, 64 * 9 * 4, 64 * 2 * 4]
     arrays.append(cameras * THUMB_SIZE[0] * THUMB_SIZE[1] * 3)
     if kv_dtype == "fp8":
         arrays.append(layers * 2 * 4)
-    metadata = 700 * (len(arrays) + 1) + 1500  # one zarr.json per array (~700 B) + the group's attrs
-    return kv + sum(a + crc for a in arrays) + metadata
+    n_arrays = len(arrays) + 1  # + kv
+    metadata = (n_arrays + 1) * on_disk(900)  # a zarr.json per array (~600 B) and the group's (~800 B)
+    folders = (n_arrays + 1) * block
+    return layers * on_disk(kv_chunk) + sum(on_disk(a + crc) for a in arrays) + metadata + folders
 
 
 def encode_kv(kv: Any, kv_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
