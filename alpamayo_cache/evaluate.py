@@ -173,7 +173,9 @@ def run(cfg: EvalConfig) -> dict:
         for path in reversed(created):  # a failed evaluation leaves nothing of its own behind
             path.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"disk full while writing the evaluation into {out}: free space and run eval again") from None
+            raise UserError(
+                f"disk full while writing the evaluation into {out}: free space and run eval again"
+            ) from None
         raise
     finally:
         if lock is not None:

@@ -83,6 +83,10 @@ def resolve_data(cfg: PrecomputeConfig) -> Path:
         return Path(cfg.data)
     from alpamayo_cache.data.synthetic import write_dataset
 
+    log.info(
+        f"synthetic data: {cfg.synthetic_clips} clips in {cfg.synthetic_dir} (rendered once, ~1 s per clip; "
+        "then reused)"
+    )
     write_dataset(cfg.synthetic_dir, n_clips=cfg.synthetic_clips, seed=cfg.seed, cameras=ALL_CAMERAS)
     return cfg.synthetic_dir
 

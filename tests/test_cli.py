@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from alpamayo_cache.cli import app
@@ -116,3 +117,29 @@ def test_pilot_pipeline_is_small(tmp_path, monkeypatch):
     n_train = info["by_split"].get("train", 0)
     assert len(lines) == -(-n_train // 4)  # one epoch of micro-batches of 4
     assert (tmp_path / "runs" / "pilot" / "eval" / "report.md").is_file()
+
+
+@pytest.mark.long
+def test_ctrl_c_saves_the_step_and_exits_130(tiny_store, tmp_path):
+    """SIGINT mid-run: the current step finishes, a checkpoint of it is saved, the exact resume
+    command is printed, the exit status is 130; the resumed run continues from that step."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "alpamayo_cache", "train", str(tiny_store), "--run-dir", str(run_dir),
+        "--device", "cpu", "--steps", "400", "--set", "save_every=1000", "--set", "val_every=1000",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    steps = len(metrics.read_text().splitlines())
+    assert (run_dir / "checkpoints" / f"step-{steps:06d}" / "head.safetensors").is_file(), out
+    flat = " ".join(out.split())  # the log wraps long lines
+    assert "continue with: alpamayo-cache train" in flat and "--resume" in flat, out

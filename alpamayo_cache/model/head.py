@@ -10,7 +10,7 @@ import torch
 from alpamayo_cache.config import ModelConfig, resolve_model
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.model.policy import Policy
-from alpamayo_cache.model.weights import load_head_file, load_into, load_released
+from alpamayo_cache.model.weights import load_head_file, load_into, load_released, read_metadata
 
 
 def init_head(cfg: ModelConfig, attention: str | None = None) -> Policy:
@@ -30,6 +30,18 @@ def head_file_config(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, obj
     except UserError as exc:
         raise UserError(f"{path}: its model_config is not readable ({exc})") from None
     return tensors, meta, cfg
+
+
+def head_config(spec: str) -> tuple[ModelConfig, str]:
+    """The model config of a spec and its description, without reading any weight tensor."""
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        if "model_config" not in meta:
+            raise UserError(f"{path} carries no model_config metadata: not an alpamayo-cache checkpoint")
+        return ModelConfig.from_dict(meta["model_config"]), f"checkpoint {path}"  # type: ignore[arg-type]
+    cfg = resolve_model(spec)
+    return cfg, (f"released weights {path}" if path.is_dir() else f"preset {cfg.name} (seed {cfg.init_seed})")
 
 
 def load_head(spec: str, attention: str | None = None) -> tuple[Policy, ModelConfig, str]:

@@ -138,6 +138,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
         tmp.unlink(missing_ok=True)
 
 
+def read_metadata(path: Path) -> dict[str, object]:
+    """The JSON metadata of a safetensors file (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file {path} does not exist")
+    with _open(path) as f:
+        try:
+            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        except json.JSONDecodeError:
+            raise UserError(f"{path} has damaged metadata: not an alpamayo-cache checkpoint") from None
+
+
 def load_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Tensors and metadata of a head file; a run checkpoint's file is checked against its checksum."""
     path = Path(path)

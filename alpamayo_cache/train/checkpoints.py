@@ -116,6 +116,12 @@ def open_run(run_dir: Path, cfg: TrainConfig) -> tuple[RunLock, Path | None]:
     return lock, None
 
 
+def discard_if_empty(run_dir: Path) -> None:
+    """Remove a run folder this program made that holds no checkpoint (a run that failed early)."""
+    if is_run_folder(run_dir) and not _steps(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def write_config(run_dir: Path, cfg: TrainConfig, model_cfg: Any, init: str, described: str) -> None:
     payload = {
         "train": to_jsonable(cfg),

@@ -28,7 +28,7 @@ from alpamayo_cache.train import checkpoints as C
 from alpamayo_cache.train.feed import batch_stream, noise_generator
 from alpamayo_cache.train.objectives import make_objective
 from alpamayo_cache.train.plan import GIB, plan_for
-from alpamayo_cache.train.setup import Setup, build, choose_device, export_head, select_samples
+from alpamayo_cache.train.setup import Setup, build, check_init, choose_device, export_head, select_samples
 from alpamayo_cache.train.validation import validation_loss
 
 
@@ -94,6 +94,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     log.info(f"train: {cfg.store} -> {run_dir} ({cfg.scope}, {cfg.steps} steps)")
     store_cfg = ModelConfig.from_dict(reader.info.model_config)
     train_ids, val_ids = select_samples(reader, cfg)
+    check_init(cfg, reader, store_cfg)
     device, optimizer_name, checkpointing = choose_device(cfg)
     plan_check(cfg, reader, store_cfg, train_ids, device, optimizer_name, checkpointing)
     if cfg.dry_run:
@@ -111,6 +112,10 @@ def run(cfg: TrainConfig) -> TrainResult:
             resume_from = C.latest_checkpoint(run_dir)
         setup = build(cfg, reader, store_cfg, str(accelerator.device), optimizer_name, checkpointing)
         return _train(cfg, accelerator, setup, reader, store_cfg, train_ids, val_ids, run_dir, resume_from)
+    except BaseException:
+        if lock is not None and not cfg.resume:
+            C.discard_if_empty(run_dir)  # a fresh run that failed before its first checkpoint leaves nothing
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -12,7 +12,7 @@ import torch
 from alpamayo_cache.config import ModelConfig
 from alpamayo_cache.configs import TrainConfig
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.model.head import load_head
+from alpamayo_cache.model.head import head_config, load_head
 from alpamayo_cache.model.policy import Policy
 from alpamayo_cache.model.weights import is_head_key, save_tensors
 from alpamayo_cache.runtime import compute_dtype, resolve_device
@@ -57,6 +57,15 @@ def check_head_matches_store(head_cfg: ModelConfig, store_cfg: ModelConfig, sour
             f"{source} expects {h.num_layers} layers x {h.num_kv_heads} kv-heads x {h.head_dim}, the store holds "
             f"{s.num_layers} x {s.num_kv_heads} x {s.head_dim}: checkpoint of another architecture"
         )
+
+
+def check_init(cfg: TrainConfig, reader: StoreReader, store_cfg: ModelConfig) -> str:
+    """Resolve the starting weights and refuse ones of another architecture, reading no tensor
+    (so a dry run and a bad --init fail before any work or output)."""
+    init = resolve_init(cfg.init, reader)
+    head_cfg, described = head_config(init)
+    check_head_matches_store(head_cfg, store_cfg, described)
+    return init
 
 
 def apply_scope(policy: Policy, cfg: TrainConfig) -> list[torch.nn.Parameter]:
