@@ -134,8 +134,8 @@ def test_bad_training_inputs(tiny_store, tmp_path):
         run(cfg(tiny_store, tmp_path / "d", init=str(path)))
 
 
-def test_ddp_on_two_cpu_ranks_trains_and_checkpoints(tiny_store, tmp_path):
-    """The same code path under torchrun (gloo on CPU): both ranks step in lockstep, rank 0 writes."""
+def _launch(store, run_dir, ranks: int, *extra: str):
+    """``train`` under torchrun (accelerate picks up the ranks; gloo on CPU)."""
     import socket
     import subprocess
     import sys
@@ -143,16 +143,34 @@ def test_ddp_on_two_cpu_ranks_trains_and_checkpoints(tiny_store, tmp_path):
     with socket.socket() as sock:  # a free port: a fixed one can still be held from an earlier run
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    run_dir = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
-        "-m", "alpamayo_cache", "train", str(tiny_store), "--run-dir", str(run_dir), "--device", "cpu",
-        "--steps", "4", "--micro-batch", "2", "--set", "save_every=2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", port,
+        "-m", "alpamayo_cache", "train", str(store), "--run-dir", str(run_dir), "--device", "cpu",
+        "--set", "save_every=2", "--set", "val_every=1000", *extra,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 4  # rank 0 alone logs
-    assert all(json.loads(line)["samples_per_s"] > 0 for line in lines)
-    payload = torch.load(run_dir / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_store, tmp_path):
+    """2 ranks x micro-batch 2 == 1 process x micro-batch 2 x 2 accumulation: same batches, same
+    noise (seeded by each batch's place in the epoch), same averaged gradient -> the same losses."""
+    ddp = _launch(tiny_store, tmp_path / "ddp", 2, "--steps", "4", "--micro-batch", "2")
+    single = run(cfg(tiny_store, tmp_path / "one", steps=4, micro_batch=2, grad_accum=2, save_every=2)).losses
+    assert len(ddp) == 4
+    assert ddp == pytest.approx(single, rel=1e-5, abs=1e-6)
+    payload = torch.load(
+        tmp_path / "ddp" / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False
+    )
     assert payload["world_size"] == 2
+
+
+@pytest.mark.long
+def test_two_ranks_resume_exactly(tiny_store, tmp_path):
+    full = _launch(tiny_store, tmp_path / "full", 2, "--steps", "4", "--micro-batch", "2")
+    first = _launch(
+        tiny_store, tmp_path / "split", 2, "--steps", "4", "--micro-batch", "2", "--stop-after", "2"
+    )
+    both = _launch(tiny_store, tmp_path / "split", 2, "--steps", "4", "--micro-batch", "2", "--resume")
+    assert len(first) == 2 and both == full
