@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -46,82 +47,113 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+def _union(value: Any, tp: Any, where: str) -> Any:
+    options = typing.get_args(tp)
+    if value is None and type(None) in options:
+        return None
+    errors = []
+    for option_type in options:
+        if option_type is type(None):
+            continue
+        try:
+            return coerce(value, option_type, where)
+        except UserError as exc:
+            errors.append(str(exc))
+    raise UserError(errors[0] if errors else f"{where}: unsupported value {value!r}")
+
+
+def _tuple(value: Any, tp: Any, where: str) -> tuple:
+    args = typing.get_args(tp)
+    if isinstance(value, str):  # a CLI string "a,b"
+        value = [v for v in value.split(",") if v] if value else []
+    if not isinstance(value, list | tuple):
+        raise UserError(f"{where} must be a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(coerce(v, args[0], where) for v in value)
+    if len(value) != len(args):
+        raise UserError(f"{where} must have {len(args)} values, got {len(value)}")
+    return tuple(coerce(v, a, where) for v, a in zip(value, args, strict=True))
+
+
+def _bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    return None
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value) if isinstance(value, int | float | str) else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _str(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # "--set name=7" parses as JSON 7
+    return None
+
+
+def _path(value: Any) -> Path | None:
+    return Path(value) if isinstance(value, str | Path) and str(value) else None
+
+
+# Scalar types: (parser returning None when the value does not fit, what the error says it must be).
+_SCALARS: dict[Any, tuple[Any, str]] = {
+    bool: (_bool, "true or false"),
+    int: (_int, "an integer"),
+    float: (_float, "a finite number"),
+    str: (_str, "text"),
+    Path: (_path, "a path"),
+}
+
+
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """``value`` (from JSON, a CLI string, or Python) as type ``tp``, or a UserError naming ``where``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option_type in options:
-            if option_type is type(None):
-                continue
-            try:
-                return coerce(value, option_type, where)
-            except UserError as exc:
-                errors.append(str(exc))
-        raise UserError(errors[0] if errors else f"{where}: unsupported value {value!r}")
+        return _union(value, tp, where)
     if origin is typing.Literal:
         if value in typing.get_args(tp):
             return value
         raise UserError(f"{where} must be one of {list(typing.get_args(tp))}, got {value!r}")
     if origin is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
-        if not isinstance(value, list | tuple):
-            raise UserError(f"{where} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0], where) for v in value)
-        if len(value) != len(args):
-            raise UserError(f"{where} must have {len(args)} values, got {len(value)}")
-        return tuple(coerce(v, a, where) for v, a in zip(value, args, strict=True))
+        return _tuple(value, tp, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
             raise UserError(f"{where} must be an object, got {value!r}")
         return from_dict(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise UserError(f"{where} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise UserError(f"{where} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise UserError(f"{where} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{where} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)  # "--set name=7" parses as JSON 7
-        raise UserError(f"{where} must be text, got {value!r}")
-    if tp is Path:
-        if isinstance(value, str | Path) and str(value):
-            return Path(value)
-        raise UserError(f"{where} must be a path, got {value!r}")
-    if tp is dict or typing.get_origin(tp) is dict:
+    if tp in _SCALARS:
+        parse, kind = _SCALARS[tp]
+        parsed = parse(value)
+        if parsed is None:
+            raise UserError(f"{where} must be {kind}, got {value!r}")
+        return parsed
+    if tp is dict or origin is dict:
         if isinstance(value, dict):
             return value
         raise UserError(f"{where} must be an object, got {value!r}")

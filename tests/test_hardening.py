@@ -229,7 +229,7 @@ def test_d8_d14_to_d19_one_line_errors(synthetic_data, tiny_store, tmp_path):
     cli_rejects(["train", store, "--run-dir", str(a_file)], "is a file")
     cli_rejects(["eval", store, "--out", str(a_file)], "is a file")
     cli_rejects(["train", store, "--set", "steps=ten"], "steps must be an integer")
-    cli_rejects(["train", store, "--set", "lr=fast"], "lr must be a number")
+    cli_rejects(["train", store, "--set", "lr=fast"], "lr must be a finite number")
     cli_rejects(["train", store, "--set", "save_every=0"], "save-every must be at least 1")
     cli_rejects(["train", store, "--steps", "-3"], "steps must be at least 1")
     broken = tmp_path / "broken.safetensors"
