@@ -15,7 +15,6 @@ Shape legend used across the package: b batch, l layers, h kv-heads, t tokens, d
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
