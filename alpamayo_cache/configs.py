@@ -258,6 +258,7 @@ class PipelineConfig:
     pilot: bool = option(
         False, help="A first small run: 6 clips, one epoch (default name <model>-<prompt mode>-pilot)."
     )
+    synthetic_clips: int = option(48, help="Clips the built-in synthetic dataset has (--data synthetic).")
     stores: Path = option(Path("cache_store"), help="Folder of stores.")
     runs: Path = option(Path("runs"), help="Folder of runs.")
 

@@ -45,6 +45,7 @@ def run(cfg: PipelineConfig) -> dict:
             val_percent=25 if synthetic else 10,
             device=cfg.device,
             synthetic_dir=cfg.stores / "synthetic-data",
+            synthetic_clips=cfg.synthetic_clips,
             route=route,
         )
     )

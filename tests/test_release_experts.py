@@ -80,6 +80,17 @@ def prefix_15(t: dict, branch: str) -> Prefix:
     )
 
 
+def repeat(prefix: Prefix, n: int) -> Prefix:
+    """The batch n times over (rows i, i + b, ... are the same sample)."""
+    return Prefix(
+        keys=prefix.keys.repeat(1, n, 1, 1, 1),
+        values=prefix.values.repeat(1, n, 1, 1, 1),
+        rope_deltas=prefix.rope_deltas.repeat(n),
+        lengths=prefix.lengths.repeat(n),
+        key_mask=prefix.key_mask.repeat(n, 1),
+    )
+
+
 @pytest.mark.parametrize("branch", ["guided", "unguided"])
 def test_15_positions_and_mask_follow_the_release(a15, branch):
     t, _ = a15
@@ -103,10 +114,20 @@ def test_15_velocities_and_guided_integration(a15):
         v_uncond = policy.velocity(x0, zero, uncond)[:, 0]
     assert (v_cond - t["b2n1.velocity_cond_t0"]).abs().max() < TOL
     assert (v_uncond - t["b2n1.velocity_uncond_t0"]).abs().max() < TOL
-    errors = {}
-    for w in meta["guidance_weights"]:
-        actions = policy.sample(cond, x0, meta["steps"], uncond=uncond, guidance=w)[:, 0]
-        errors[w] = float((actions - t[f"b2n1.action_w{w}"]).abs().max())
+    # The three weights in one batch (one weight per row): 3 x 2 rows, each row's own prefix and noise.
+    weights = meta["guidance_weights"]
+    n = len(weights)
+    actions = policy.sample(
+        repeat(cond, n),
+        x0.repeat(n, 1, 1, 1),
+        meta["steps"],
+        repeat(uncond, n),
+        torch.tensor(weights).repeat_interleave(2),
+    )[:, 0]
+    errors = {
+        w: float((actions[2 * i : 2 * i + 2] - t[f"b2n1.action_w{w}"]).abs().max())
+        for i, w in enumerate(weights)
+    }
     assert max(errors.values()) < TOL, errors
     # The weights matter: w = 1.0 is not the w = 1.5 answer (the fixture moves by ~1e-3).
     assert (t["b2n1.action_w1.5"] - t["b2n1.action_w1.0"]).abs().max() > 50 * TOL

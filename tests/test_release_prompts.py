@@ -37,6 +37,16 @@ def a15():
 
 
 @pytest.fixture(scope="module")
+def tok15():
+    return build_tiny_tokenizer(TINY_15)
+
+
+@pytest.fixture(scope="module")
+def tok2():
+    return build_tiny_tokenizer(TINY_2S)  # 4,000 trajectory tokens: history first, then future
+
+
+@pytest.fixture(scope="module")
 def a2():
     return load("a2_expert")
 
@@ -45,19 +55,17 @@ def pads_per_image(grid: torch.Tensor) -> list[int]:
     return [int(t * h * w) // 4 for t, h, w in grid.tolist()]
 
 
-def test_tiny_tokenizer_has_the_release_ids(a15, a2):
-    tok15 = build_tiny_tokenizer(TINY_15)
+def test_tiny_tokenizer_has_the_release_ids(a15, a2, tok15, tok2):
     for name, idx in a15[1]["tokenizer"]["special_token_ids"].items():
         if "_padding_" not in name:  # 1.5 renamed unused slots; the ids are R1's
             assert tok15.convert_tokens_to_ids(name) == idx, name
-    tok2 = build_tiny_tokenizer(TINY_2S)
     for name, idx in a2[1]["tokenizer"]["special_token_ids"].items():
         assert tok2.convert_tokens_to_ids(name) == idx, name
 
 
-def test_15_prompts_match_the_release_builder(a15):
+def test_15_prompts_match_the_release_builder(a15, tok15):
     tensors, meta = a15
-    builder = PromptBuilder(build_tiny_tokenizer(TINY_15), TINY_15)
+    builder = PromptBuilder(tok15, TINY_15)
     bare = PromptBuilder(builder.tok, dataclasses.replace(TINY_15, camera_labels=False, frame_labels=False))
     checked = 0
     for case in meta["cases"]:
@@ -83,9 +91,9 @@ def test_15_real_size_image_tokens(a15):
     assert pads_per_image(grid) == [tokens_per_image(ALPAMAYO_15)] * 16 == [180] * 16
 
 
-def test_2super_prompts_with_45_and_48_history_tokens(a2):
+def test_2super_prompts_with_45_and_48_history_tokens(a2, tok2):
     tensors, meta = a2
-    tok = build_tiny_tokenizer(TINY_2S)
+    tok = tok2
     hist = tensors["prompt.ego_history_xyz"][0, 0].numpy()
     for count in (48, 45):
         name = f"traj6_hist{count}"
@@ -111,12 +119,12 @@ def test_45_history_tokens_are_the_last_45_of_48(a2):
     assert hist48.tolist()[3:] == hist45.tolist() and len(hist45) == 45
 
 
-def test_2super_nav_demo_prompts(a2):
+def test_2super_nav_demo_prompts(a2, tok2):
     """The demo's raw route (no delimiter) and its unguided twin (the route removed)."""
     tensors, meta = a2
     demo = meta["prompts"]["nav_cfg_demo"]
     cfg = dataclasses.replace(TINY_2S, history_tokens=demo["tokens_per_history_traj"])
-    builder = PromptBuilder(build_tiny_tokenizer(TINY_2S), cfg)
+    builder = PromptBuilder(tok2, cfg)
     per_image = [6] * 24
     cams = meta["prompts"]["traj6_hist48"]["camera_indices"]
     guided = builder.prompt(per_image, None, "reasoning", camera_ids=cams, route=demo["nav_text"])

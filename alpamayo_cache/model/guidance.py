@@ -3,7 +3,10 @@
 A routed sample's store entry holds its guided prefix (prompt with the route) and, from the first token
 that differs on, its unguided one (the same prompt without the route, the same reasoning replayed on
 top). The tokens before the route are identical in both prompts and, attention being causal, so are
-their K/V (bit for bit in fp32: tests/test_route_guidance.py), so they are stored once.
+their K/V, so they are stored once: bit for bit in the 1.5 release's own caches and on tiny-1.5
+(tests/test_route_guidance.py); kernels that tile the two prompt lengths differently can leave float
+rounding (9.5e-7 in fp32 on tiny-2super), which precompute records per sample
+(``route_shared_kv_max_abs_diff`` in the sample's writer provenance).
 
 - eval: v = (1 - w) v_uncond + w v_cond at every Euler step (``Policy.sample(..., uncond, guidance)``);
 - train: each routed sample is shown without its route with probability ``route_dropout``, so one

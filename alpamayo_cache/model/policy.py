@@ -79,14 +79,17 @@ class Policy(nn.Module):
         noise: torch.Tensor,
         num_steps: int = 10,
         uncond: Prefix | None = None,
-        guidance: float | None = None,
+        guidance: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalised actions [b, k, w, 2]: Euler integration from noise [b, k, w, 2] at t=0 to t=1.
 
-        With ``uncond`` (the same samples' prefixes without their route) and a guidance weight w, each
-        step uses v = (1 - w) v_uncond + w v_cond (classifier-free guidance, as Alpamayo 1.5 samples)."""
+        With ``uncond`` (the same samples' prefixes without their route) and a guidance weight w (a
+        number, or one per sample [b]), each step uses v = (1 - w) v_uncond + w v_cond (classifier-free
+        guidance, as Alpamayo 1.5 samples)."""
         b, k = noise.shape[:2]
         guided = uncond is not None and guidance is not None
+        if isinstance(guidance, torch.Tensor):
+            guidance = guidance.to(noise.device, torch.float32).reshape(b, 1, 1, 1)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             times = t.reshape(b, -1)[:, :1].expand(b, k)
