@@ -37,7 +37,9 @@ class PrecomputeConfig:
         SYNTHETIC, help="Local PhysicalAI-AV folder or hub cache, own-clips folder, or 'synthetic'."
     )
     model: str = option(
-        "tiny", help="Preset (tiny, alpamayo-r1-10b) or a local Alpamayo-R1 checkpoint folder."
+        "tiny",
+        help="Preset (tiny, tiny-1.5, tiny-2super, alpamayo-r1-10b, alpamayo-1.5-10b, alpamayo-2-super) or a "
+        "local Alpamayo checkpoint folder (R1, 1.5 or 2 Super, read from its config.json).",
     )
     tokenizer: Path | None = option(
         None, help="Local tokenizer folder (real models; default: the model folder)."
@@ -45,7 +47,14 @@ class PrecomputeConfig:
     prompt_mode: str = option("traj-only", help="traj-only | reasoning (chain-of-causation text first).")
     keyframes: str = option("default", help="default (t0 = 5.1 s) | max-curvature | stride:<seconds>.")
     camera_sets: tuple[str, ...] = option(
-        ("default",), flag="--camera-set", help="default | front-only | mask:<cam>[+<cam>] (repeatable)."
+        ("default",),
+        flag="--camera-set",
+        help="default | front-only | cameras:<id>[+<id>] (1-7 cameras, ids 0-6) | mask:<cam>[+<cam>] (repeatable).",
+    )
+    route: str = option(
+        "",
+        help="Navigation routes for models that read one (1.5, 2 Super): a JSON map or CSV (clip_id,route) "
+        "of clip id -> text, or 'synthetic' (the synthetic clips' routes). PhysicalAI-AV has no route field.",
     )
     clips_file: Path | None = option(None, flag="--clips", help="File with one clip id per line.")
     limit: int | None = option(None, help="Only the first N clips (pilot runs).")
@@ -97,6 +106,9 @@ class TrainConfig:
     )
     scope: str = option("all", flag="--train", help="What trains: all (expert + projections) | heads | lora.")
     objective: str = option("fm", help="Training objective: fm (flow matching to the logged trajectory).")
+    route_dropout: float = option(
+        0.0, help="Share of routed samples trained on their unguided prefix (no route), for guidance."
+    )
     lora_rank: int = option(16, help="LoRA rank (--train lora).")
     lora_alpha: int = option(32, help="LoRA alpha (--train lora).")
     split: str = option("train", help="Split trained on.")
@@ -134,9 +146,18 @@ class TrainConfig:
     )
     overwrite: bool = option(False, help="Start the run folder over (only a folder this program made).")
     dry_run: bool = option(False, help="Print the memory and disk plan; refuse one that does not fit.")
+    model: str = option(
+        "", help="With --dry-run: plan for this preset or checkpoint folder instead of a store's samples."
+    )
+    prefix_len: int | None = option(
+        None, help="With --dry-run --model: prefix tokens per sample (default: estimated from the preset)."
+    )
 
     def __post_init__(self) -> None:
         _choice(self.scope, SCOPES, "--train")
+        _check(0 <= self.route_dropout <= 1, "--route-dropout must be between 0 and 1")
+        _check(not self.model or self.dry_run, "--model plans without a store: it needs --dry-run")
+        _check(self.prefix_len is None or self.prefix_len >= 1, "--prefix-len must be at least 1")
         _choice(self.objective, OBJECTIVES, "--objective")
         _choice(self.optimizer, ("auto", "adamw", "adamw8bit"), "--optimizer")
         _choice(self.checkpointing, ("auto", "on", "off"), "--checkpointing")
@@ -189,6 +210,11 @@ class EvalConfig:
     )
     num_samples: int = option(6, help="Trajectories per sample (best-of-K).")
     num_steps: int = option(10, help="Euler steps of the flow-matching sampler.")
+    guidance: float | None = option(
+        None,
+        help="Classifier-free guidance weight w on routed samples: v = (1-w) v_uncond + w v_cond "
+        "(1.5 uses 1.5; default off: the route-conditioned velocity alone).",
+    )
     seed: int = option(0, help="Seed of the per-sample initial noise (the same for every model).")
     micro_batch: int = option(8, help="Samples per forward pass.")
     attention: str = option("", help="'' (the model's) | bidirectional | causal.")
@@ -210,12 +236,21 @@ class EvalConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     data: str = option(SYNTHETIC, help="Local PhysicalAI-AV folder, own-clips folder, or 'synthetic'.")
-    model: str = option("tiny", help="Preset or local Alpamayo-R1 folder.")
+    model: str = option("tiny", help="Preset (tiny, tiny-1.5, tiny-2super, ...) or local Alpamayo folder.")
     tokenizer: Path | None = option(None, help="Local tokenizer folder (real models).")
     name: str | None = option(None, help="Names the store and the run (default <model>-<prompt mode>).")
     prompt_mode: str = option("traj-only", help="traj-only | reasoning.")
     keyframes: str | None = option(None, help="Default: stride:1 on synthetic clips, else default.")
     camera_sets: tuple[str, ...] = option(("default",), flag="--camera-set", help="Camera sets (repeatable).")
+    route: str = option(
+        "auto",
+        help="auto (the synthetic routes for a model that reads routes on synthetic data, else none) | "
+        "'' | route file | synthetic.",
+    )
+    route_dropout: float = option(0.2, help="Share of routed samples trained without their route.")
+    guidance: float | None = option(
+        None, help="Eval guidance weight (default: 1.5, the 1.5 notebook's, when samples have routes)."
+    )
     limit: int | None = option(None, help="Only the first N clips.")
     steps: int = option(600, help="Training steps.")
     scope: str = option("all", flag="--train", help="all | heads | lora.")
@@ -223,6 +258,7 @@ class PipelineConfig:
     pilot: bool = option(
         False, help="A first small run: 6 clips, one epoch (default name <model>-<prompt mode>-pilot)."
     )
+    synthetic_clips: int = option(48, help="Clips the built-in synthetic dataset has (--data synthetic).")
     stores: Path = option(Path("cache_store"), help="Folder of stores.")
     runs: Path = option(Path("runs"), help="Folder of runs.")
 

@@ -21,8 +21,9 @@ from alpamayo_cache import metrics as M
 from alpamayo_cache.config import ModelConfig
 from alpamayo_cache.configs import EvalConfig
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.model.action_space import UnicycleActionSpace
+from alpamayo_cache.model.action_space import UnicycleActionSpace, effective_stats
 from alpamayo_cache.model.expert import Prefix
+from alpamayo_cache.model.guidance import unguided_prefix
 from alpamayo_cache.model.head import load_head
 from alpamayo_cache.options import to_jsonable
 from alpamayo_cache.runtime import autocast, compute_dtype, log, progress, resolve_device
@@ -82,11 +83,10 @@ def model_key(spec: str, cfg: EvalConfig, fingerprint: str, sample_ids: list[str
             h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
     else:
         h.update(spec.encode())
-    h.update(
-        json.dumps(
-            [fingerprint, sample_ids, cfg.num_samples, cfg.num_steps, cfg.seed, cfg.attention]
-        ).encode()
-    )
+    options = [fingerprint, sample_ids, cfg.num_samples, cfg.num_steps, cfg.seed, cfg.attention]
+    if cfg.guidance is not None:
+        options.append(cfg.guidance)
+    h.update(json.dumps(options).encode())
     return h.hexdigest()[:16]
 
 
@@ -115,8 +115,10 @@ def predict(
                 f"non-finite features (NaN/Inf) in sample(s) {', '.join(batch.sample_ids)}: run `alpamayo-cache verify`"
             )
         noise = torch.stack([sample_noise(s, cfg.seed, k, w) for s in batch.sample_ids]).to(device)
+        uncond = unguided_prefix(batch) if cfg.guidance is not None else None
+        uncond = uncond.to(device) if uncond is not None else None
         with autocast(device, dtype):
-            actions = policy.sample(prefix, noise, cfg.num_steps).float().cpu()  # [b, K, w, 2]
+            actions = policy.sample(prefix, noise, cfg.num_steps, uncond, cfg.guidance).float().cpu()
         hist_xyz = batch.hist_xyz.repeat_interleave(k, dim=0)
         hist_rot = batch.hist_rot.repeat_interleave(k, dim=0)
         p_xyz, p_rot = space.action_to_traj(actions.reshape(-1, w, 2), hist_xyz, hist_rot)
@@ -160,6 +162,11 @@ def run(cfg: EvalConfig) -> dict:
     sample_ids = reader.select(cfg.split, list(cfg.camera_sets) or None)
     if not sample_ids:
         raise UserError(f"split {cfg.split!r} of {cfg.store} has no samples to evaluate (try --split all)")
+    if cfg.guidance is not None and not any(reader.sample_info(s).has_route for s in sample_ids):
+        raise UserError(
+            f"--guidance needs routed samples; none of the {len(sample_ids)} selected in {cfg.store} has a "
+            "route: make the store with --route, or drop --guidance"
+        )
     models = _load_models(cfg, reader, store_cfg)
     out = default_out_dir(cfg, [m[0] for n, m in models.items() if n != "baseline"])
     if out.exists() and not out.is_dir():
@@ -215,7 +222,7 @@ def _evaluate(
     infos = {s: reader.sample_info(s) for s in sample_ids}
     per_sample: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     bins = []
-    space = store_cfg.action_space
+    space = effective_stats(store_cfg.action_space)
     for i, sample in enumerate(truth):
         kappa = sample.action[:, 1].numpy() * space.curvature_std + space.curvature_mean
         bins.append(M.curvature_bin(float(np.abs(kappa).max())))

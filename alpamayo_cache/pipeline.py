@@ -4,7 +4,8 @@ Defaults run everything on the built-in synthetic clips with the tiny preset on 
 keyframes per clip (stride 1 s) so the tiny model has enough samples, a quarter of the clips held
 out for evaluation, and a paired report of the fine-tuned policy against its untrained start.
 A pilot (``--pilot``) is named ``<model>-<prompt mode>-pilot`` unless ``--name`` says otherwise, so it
-never replaces the default run's store or checkpoints.
+never replaces the default run's store or checkpoints. A model that reads a route (1.5, 2 Super) gets
+the synthetic clips' routes on synthetic data, trains with route dropout, and is evaluated with guidance.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def run(cfg: PipelineConfig) -> dict:
     run_dir = cfg.runs / name
     log.info(f"pipeline: store {store}, run {run_dir}, report {run_dir / 'eval' / 'report.md'}")
     limit = 6 if cfg.pilot and cfg.limit is None else cfg.limit
+    route = cfg.route
+    if route == "auto":
+        route = precompute.SYNTHETIC if synthetic and model.route != "none" else ""
     pre = precompute.run(
         PrecomputeConfig(
             store=store,
@@ -41,6 +45,8 @@ def run(cfg: PipelineConfig) -> dict:
             val_percent=25 if synthetic else 10,
             device=cfg.device,
             synthetic_dir=cfg.stores / "synthetic-data",
+            synthetic_clips=cfg.synthetic_clips,
+            route=route,
         )
     )
     steps = cfg.steps
@@ -52,12 +58,18 @@ def run(cfg: PipelineConfig) -> dict:
     result = train.run(
         TrainConfig(
             store=store, run_dir=run_dir, init=init, steps=steps, scope=cfg.scope, device=cfg.device,
-            overwrite=(run_dir / ".alpamayo-cache-run").is_file(),
+            overwrite=(run_dir / ".alpamayo-cache-run").is_file(), route_dropout=cfg.route_dropout if route else 0.0,
         )
     )  # fmt: skip
+    reader = StoreReader(store)
+    routed_val = any(reader.sample_info(s).has_route for s in reader.select("val"))
+    guidance = cfg.guidance if cfg.guidance is not None else (1.5 if routed_val else None)
     metrics = evaluate.run(
-        EvalConfig(store=store, baseline=init, checkpoints=(str(run_dir),), device=cfg.device, split="val")
-    )
+        EvalConfig(
+            store=store, baseline=init, checkpoints=(str(run_dir),), device=cfg.device, split="val",
+            guidance=guidance,
+        )
+    )  # fmt: skip
     report = Path(metrics["out_dir"]) / "report.md"
     paired = metrics["paired"][run_dir.name]["min_ade"]
     log.info(

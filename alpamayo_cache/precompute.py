@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alpamayo_cache.config import ALL_CAMERAS, ModelConfig, resolve_model
+from alpamayo_cache.config import CAMERA_IDS, ModelConfig, resolve_model
 from alpamayo_cache.configs import SYNTHETIC, PrecomputeConfig
+from alpamayo_cache.data.routes import SYNTHETIC_ROUTES, read_routes, routes_digest
 from alpamayo_cache.data.samples import (
     Sample,
     SampleSpec,
+    camera_id,
     camera_set,
     check_policy,
     load_sample,
@@ -72,13 +74,22 @@ class Plan:
     kv_dtype: str
     rank: int
     world: int
+    routes: dict[str, str] = field(default_factory=dict)  # clip_id -> route text (models with a route)
 
     @property
     def expected_bytes(self) -> int:
         return sum(self.bytes_per_sample[s.camera_set] for s in self.todo)
 
 
-def resolve_data(cfg: PrecomputeConfig) -> Path:
+def synthetic_cameras(cfg: PrecomputeConfig, model: ModelConfig) -> tuple[str, ...]:
+    """The cameras the synthetic clips need: the model's and its camera sets', ordered by id."""
+    wanted = {c for name in cfg.camera_sets for c in camera_set(name, model.cameras).cameras}
+    return tuple(sorted(wanted | set(model.cameras), key=lambda c: CAMERA_IDS.get(c, len(CAMERA_IDS))))
+
+
+def resolve_data(cfg: PrecomputeConfig, model: ModelConfig) -> Path:
+    """The dataset folder; for synthetic data its snapshot (the folder may hold several: other camera
+    lists or clip counts, and refs/main names only the last one written)."""
     if cfg.data != SYNTHETIC:
         return Path(cfg.data)
     from alpamayo_cache.data.synthetic import write_dataset
@@ -87,8 +98,21 @@ def resolve_data(cfg: PrecomputeConfig) -> Path:
         f"synthetic data: {cfg.synthetic_clips} clips in {cfg.synthetic_dir} (rendered once, ~1 s per clip; "
         "then reused)"
     )
-    write_dataset(cfg.synthetic_dir, n_clips=cfg.synthetic_clips, seed=cfg.seed, cameras=ALL_CAMERAS)
-    return cfg.synthetic_dir
+    cameras = synthetic_cameras(cfg, model)
+    return write_dataset(cfg.synthetic_dir, n_clips=cfg.synthetic_clips, seed=cfg.seed, cameras=cameras)
+
+
+def load_routes(cfg: PrecomputeConfig, model: ModelConfig, data: Path) -> dict[str, str]:
+    """clip_id -> route for a model that reads routes (--route FILE, or 'synthetic'); {} without one."""
+    if not cfg.route:
+        return {}
+    if model.route == "none":
+        raise UserError(f"model {model.name} reads no route: drop --route, or use a 1.5 / 2 Super model")
+    if cfg.route != SYNTHETIC:
+        return read_routes(Path(cfg.route))
+    if cfg.data != SYNTHETIC:
+        raise UserError("--route synthetic needs --data synthetic: pass a route file for other data")
+    return read_routes(data / SYNTHETIC_ROUTES)
 
 
 def read_clip_list(path: Path) -> list[str]:
@@ -120,14 +144,31 @@ def select_clips(all_ids: list[str], cfg: PrecomputeConfig, rank: int, world: in
     return ids[rank::world]
 
 
-def expected_prefix_length(model: ModelConfig, camera_set_name: str, mode: str, tokenizer) -> int:
-    """Prompt tokens L of one sample (exact for traj-only; reasoning adds its sampled text)."""
-    from alpamayo_cache.model.prompt import PromptBuilder, tokens_per_image
+def prompt_camera_ids(model: ModelConfig, cameras: tuple[str, ...]) -> list[int] | None:
+    """The release camera ids a labelled prompt prints (None: the model's prompt has no labels)."""
+    if not (model.camera_labels or model.frame_labels):
+        return None
+    return [camera_id(c) for c in cameras]
 
-    n_images = len(camera_set(camera_set_name, model.cameras).cameras) * model.frames_per_camera
+
+def expected_prefix_length(
+    model: ModelConfig, camera_set_name: str, mode: str, tokenizer, route: str | None = None
+) -> tuple[int, int]:
+    """Prompt tokens L of one sample (exact for traj-only; reasoning adds its sampled text), and the
+    tokens of its unguided suffix (0 without a route)."""
+    from alpamayo_cache.model.prompt import PromptBuilder, tokens_per_image
+    from alpamayo_cache.model.vlm import shared_length
+
+    cameras = camera_set(camera_set_name, model.cameras).cameras
+    per_image = [tokens_per_image(model)] * (len(cameras) * model.frames_per_camera)
     history = np.zeros((model.history_steps, 3), np.float32)
-    length = len(PromptBuilder(tokenizer, model).build([tokens_per_image(model)] * n_images, history, mode))
-    return length + (0 if mode == "traj-only" else 1)  # reasoning: at least <|traj_future_start|> follows
+    builder = PromptBuilder(tokenizer, model)
+    ids = builder.build(per_image, history, mode, prompt_camera_ids(model, cameras), route)
+    extra = 0 if mode == "traj-only" else 1  # reasoning: at least <|traj_future_start|> follows
+    if not route:
+        return len(ids) + extra, 0
+    plain = builder.build(per_image, history, mode, prompt_camera_ids(model, cameras))
+    return len(ids) + extra, len(plain) - shared_length(ids, plain) + extra
 
 
 def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
@@ -139,7 +180,9 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
     for name in cfg.camera_sets:
         camera_set(name, model.cameras)  # bad names fail before any data is touched
     check_policy(cfg.keyframes)
-    source = open_source(resolve_data(cfg), revision=cfg.revision, reader=cfg.reader)
+    data = resolve_data(cfg, model)
+    routes = load_routes(cfg, model, data)
+    source = open_source(data, revision=cfg.revision, reader=cfg.reader)
     clips = select_clips(source.clip_ids(), cfg, rank, world)
     specs, clip_failures = plan_samples(
         source, model, clips, cfg.keyframes, list(cfg.camera_sets), cfg.val_percent
@@ -150,22 +193,18 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
         model, cfg.tokenizer or (Path(cfg.model) if Path(cfg.model).is_dir() else None)
     )
     t = model.text
-    per_sample = {
-        name: F.sample_bytes(
-            expected_prefix_length(model, name, cfg.prompt_mode, tokenizer),
-            t.num_layers,
-            t.num_kv_heads,
-            t.head_dim,
-            kv_dtype,
-            t.hidden_size,
-            len(camera_set(name, model.cameras).cameras),
-            block=_block_size(Path(cfg.store)),
-        )
-        for name in cfg.camera_sets
-    }
+    longest_route = max(routes.values(), key=len) if routes else None
+    block = _block_size(Path(cfg.store))
+    per_sample = {}
+    for name in cfg.camera_sets:
+        length, suffix = expected_prefix_length(model, name, cfg.prompt_mode, tokenizer, longest_route)
+        cameras = len(camera_set(name, model.cameras).cameras)
+        per_sample[name] = F.sample_bytes(
+            length, t.num_layers, t.num_kv_heads, t.head_dim, kv_dtype, t.hidden_size, cameras, block=block
+        ) + suffix * F.kv_bytes_per_token(t.num_layers, t.num_kv_heads, t.head_dim, kv_dtype)
     committed = set(F.committed_samples(cfg.store)) if Path(cfg.store).is_dir() else set()
     todo = [s for s in specs if s.sample_id not in committed]
-    return Plan(model, source, clips, specs, clip_failures, todo, per_sample, kv_dtype, rank, world)
+    return Plan(model, source, clips, specs, clip_failures, todo, per_sample, kv_dtype, rank, world, routes)
 
 
 def _block_size(store: Path) -> int:
@@ -196,6 +235,11 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
     result.expected_bytes = plan.expected_bytes
     probe, free = _free_disk(store)
     one = plan.bytes_per_sample[cfg.camera_sets[0]]
+    if model.route != "none":
+        routed = sum(1 for c in plan.clips if c in plan.routes)
+        log.info(
+            f"routes: {routed} of {len(plan.clips)} clips have one (the others are made without a route)"
+        )
     log.info(
         f"plan: {len(plan.specs)} samples from {len(plan.clips)} clips (rank {plan.rank}/{plan.world}), "
         f"{result.skipped} already committed, {len(plan.todo)} to write x ~{human_bytes(one)} = "
@@ -216,7 +260,8 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
     vlm = FrozenVLM(
         model, Path(cfg.model) if Path(cfg.model).is_dir() else None, cfg.tokenizer, device, dtype
     )
-    writer = StoreWriter(store, _store_info(cfg, model, vlm, kv_dtype, dtype, device), rank=plan.rank)
+    info = _store_info(cfg, model, vlm, kv_dtype, dtype, device, plan.routes)
+    writer = StoreWriter(store, info, rank=plan.rank)
     result.removed_partial = writer.removed_partial
     if writer.removed_partial:
         log.info(f"removed {writer.removed_partial} half-written sample(s) left by an interrupted run")
@@ -232,8 +277,9 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
 
 
 def _store_info(
-    cfg: PrecomputeConfig, model: ModelConfig, vlm, kv_dtype: str, dtype, device: str
+    cfg: PrecomputeConfig, model: ModelConfig, vlm, kv_dtype: str, dtype, device: str, routes: dict[str, str]
 ) -> F.StoreInfo:
+    inputs = {"routes": routes_digest(routes)} if routes else {}
     return F.StoreInfo(
         layout_version=F.LAYOUT_VERSION,
         model_name=model.name,
@@ -244,9 +290,10 @@ def _store_info(
         compute_dtype=dtype_name(dtype),
         attn_implementation=vlm.model.config._attn_implementation,
         fingerprint=F.StoreInfo.compute_fingerprint(
-            vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype)
+            vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype), inputs
         ),
         created_by=versions(device),
+        inputs=inputs,
     )
 
 
@@ -262,6 +309,8 @@ def _encode_all(
         for spec in progress(plan.todo, len(plan.todo), "precompute"):
             try:
                 sample = load_sample(plan.source, spec, plan.model, max_gap_s=cfg.max_ego_gap_s)
+                cameras = camera_set(spec.camera_set, plan.model.cameras).cameras
+                route = plan.routes.get(spec.clip_id)
                 seed = cfg.seed * 1_000_003 + int(hashlib.sha256(spec.sample_id.encode()).hexdigest()[:8], 16)
                 enc = vlm.encode(
                     sample.images,
@@ -269,24 +318,15 @@ def _encode_all(
                     cfg.prompt_mode,
                     seed=seed,
                     max_reasoning_tokens=cfg.max_reasoning_tokens,
+                    camera_ids=prompt_camera_ids(plan.model, cameras),
+                    route=route,
                 )
                 arrays = sample_arrays(sample, enc, space, plan.kv_dtype)
             except BadClip as exc:
                 failures[spec.sample_id] = str(exc)
                 writer.record_failure(spec.sample_id, str(exc))
                 continue
-            info = F.SampleInfo(
-                sample_id=spec.sample_id,
-                clip_id=spec.clip_id,
-                t0_us=spec.t0_us,
-                camera_set=spec.camera_set,
-                cameras=list(camera_set(spec.camera_set, plan.model.cameras).cameras),
-                split=spec.split,
-                length=enc.length,
-                rope_delta=enc.rope_delta,
-                reasoning=enc.reasoning,
-                writer=provenance,
-            )
+            info = _sample_info(spec, cameras, enc, route, provenance)
             if pending is not None:
                 pending.result()
                 written += 1
@@ -297,11 +337,42 @@ def _encode_all(
     return written, failures
 
 
+def _sample_info(spec: SampleSpec, cameras, enc, route: str | None, provenance: dict) -> F.SampleInfo:
+    """The sample's attributes: where it comes from, its prefix, its route (with/without)."""
+    routed = enc.uncond is not None
+    writer = dict(provenance)
+    if routed:  # the shared tokens' K/V, guided vs unguided prefill (0.0 in fp32 on CPU)
+        n = enc.route_start
+        diff = (enc.keys[:, :, :n].float() - enc.uncond.keys[:, :, :n].float()).abs().max() if n else 0.0
+        writer["route_shared_kv_max_abs_diff"] = float(diff)
+    return F.SampleInfo(
+        sample_id=spec.sample_id,
+        clip_id=spec.clip_id,
+        t0_us=spec.t0_us,
+        camera_set=spec.camera_set,
+        cameras=list(cameras),
+        split=spec.split,
+        length=enc.length,
+        rope_delta=enc.rope_delta,
+        reasoning=enc.reasoning,
+        writer=writer,
+        has_route=routed,
+        route=route or "",
+        route_start=enc.route_start if routed else -1,
+        uncond_length=enc.uncond.length if routed else 0,
+        uncond_rope_delta=enc.uncond.rope_delta if routed else 0,
+    )
+
+
 def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str) -> dict[str, np.ndarray]:
-    """Everything stored for one sample; non-finite features are refused (never committed)."""
+    """Everything stored for one sample; non-finite features are refused (never committed). A routed
+    sample also stores its unguided prefix from the first token that differs (``route_start``) on."""
     kv = torch.stack([enc.keys, enc.values], dim=1)  # [l, 2, h, L, d]
-    for name, value in (("kv", kv), ("hidden", enc.hidden)):
-        if not bool(torch.isfinite(value).all()):
+    uncond = None
+    if enc.uncond is not None:
+        uncond = torch.stack([enc.uncond.keys, enc.uncond.values], dim=1)[:, :, :, enc.route_start :]
+    for name, value in (("kv", kv), ("hidden", enc.hidden), ("kv_uncond", uncond)):
+        if value is not None and not bool(torch.isfinite(value).all()):
             raise BadClip(f"non-finite features: the VLM produced NaN/Inf in {name}")
     bits, scale = F.encode_kv(kv, kv_dtype)
     hist_xyz, hist_rot = torch.from_numpy(sample.hist_xyz), torch.from_numpy(sample.hist_rot)
@@ -321,6 +392,8 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
     }
     if scale is not None:
         arrays[F.KV_SCALE] = scale
+    if uncond is not None:
+        arrays[F.KV_UNCOND] = F.encode_kv(uncond, kv_dtype, scale)[0]
     return arrays
 
 

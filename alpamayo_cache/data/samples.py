@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alpamayo_cache.config import ALL_CAMERAS, ModelConfig
+from alpamayo_cache.config import ALL_CAMERAS, CAMERA_IDS, ModelConfig
 from alpamayo_cache.data.ego_frame import ego_frame_trajectory
 from alpamayo_cache.data.source import BadClip, ClipSource
 from alpamayo_cache.errors import UserError
@@ -38,25 +38,55 @@ class CameraSet:
     masked: frozenset[str] = frozenset()
 
 
+def camera_id(camera: str) -> int:
+    """The release camera id (1.5 / 2 Super loaders) of a dataset camera name."""
+    if camera not in CAMERA_IDS:
+        raise UserError(
+            f"camera {camera!r} has no release camera id: labelled prompts know {sorted(CAMERA_IDS)}"
+        )
+    return CAMERA_IDS[camera]
+
+
+def _listed_cameras(name: str) -> tuple[str, ...]:
+    """``cameras:<c>[+<c>...]`` with c a camera id (0-6) or a dataset camera name -> names ordered by id."""
+    by_id = {str(i): cam for cam, i in CAMERA_IDS.items()}
+    chosen = []
+    for item in (c for c in name[len("cameras:") :].split("+") if c):
+        cam = by_id.get(item, item)
+        if cam not in CAMERA_IDS:
+            raise UserError(
+                f"unknown camera {item!r} in camera set {name!r}: use ids 0-6 or names {sorted(CAMERA_IDS)}"
+            )
+        chosen.append(cam)
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise UserError(f"camera set {name!r} must list 1-7 different cameras, e.g. cameras:0+1+2+6")
+    return tuple(sorted(chosen, key=CAMERA_IDS.__getitem__))
+
+
 def camera_set(name: str, model_cameras: tuple[str, ...]) -> CameraSet:
-    """``default`` | ``front-only`` | ``mask:<cam>[+<cam>...]`` (chosen cameras become black frames)."""
+    """``default`` | ``front-only`` | ``cameras:<c>[+<c>...]`` (1-7 cameras by id or name, ordered by
+    id as the 1.5 loader orders them) | ``mask:<cam>[+<cam>...]`` (chosen cameras become black frames)."""
     if name == "default":
         return CameraSet(name, tuple(model_cameras))
     if name == "front-only":
         return CameraSet(name, ("camera_front_wide_120fov",))
+    if name.startswith("cameras:"):
+        return CameraSet(name, _listed_cameras(name))
     if name.startswith("mask:"):
         masked = frozenset(c for c in name[5:].split("+") if c)
-        unknown = sorted(masked - set(ALL_CAMERAS))
+        unknown = sorted(masked - set(ALL_CAMERAS) - set(CAMERA_IDS))
         if unknown:
             raise UserError(
-                f"unknown camera {unknown[0]!r} in camera set {name!r}; cameras are {list(ALL_CAMERAS)}"
+                f"unknown camera {unknown[0]!r} in camera set {name!r}; cameras are {sorted(CAMERA_IDS)}"
             )
         if not masked <= set(model_cameras):
             raise UserError(
                 f"camera set {name!r} masks cameras the model does not read ({list(model_cameras)})"
             )
         return CameraSet(name, tuple(model_cameras), masked)
-    raise UserError(f"unknown camera set {name!r}: use default, front-only, or mask:<camera>[+<camera>]")
+    raise UserError(
+        f"unknown camera set {name!r}: use default, front-only, cameras:<id>[+<id>], or mask:<camera>[+<camera>]"
+    )
 
 
 def split_of(clip_id: str, val_percent: int = 10) -> str:

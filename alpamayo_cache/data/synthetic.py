@@ -13,7 +13,8 @@ that calibration: the lane lines and road edges along the path actually driven n
 pixel's ray (``pixel2ray``) points above or below the horizon. Images and calibration agree exactly.
 
 Faults can be injected per clip (missing camera, corrupt video, too short, NaN egomotion) to test how
-bad input is handled.
+bad input is handled. Beside the clips, ``metadata/routes.json`` gives a navigation route per clip (the
+turn its scenario takes; every fourth clip has none), for the models that read a route (data/routes.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from alpamayo_cache.config import ALL_CAMERAS
+from alpamayo_cache.data.routes import SYNTHETIC_ROUTES, scenario_route
 from alpamayo_cache.data.source import (
     CACHE_REPO_DIR,
     CAMERA_INTRINSICS,
@@ -41,7 +43,7 @@ from alpamayo_cache.data.source import (
 )
 from alpamayo_cache.errors import UserError
 
-GENERATOR_VERSION = 2  # 2: calibration features; frames rendered through the dev kit's camera model
+GENERATOR_VERSION = 3  # 2: calibration, frames through the camera model; 3: routes.json, rear cameras
 FPS = 10
 EGO_HZ = 20
 PATH_HZ = 100  # drive() integrates at 100 Hz
@@ -53,6 +55,11 @@ CAMERA_RIGS: dict[str, tuple[float, float, tuple[float, float, float], float, fl
     "camera_front_wide_120fov": (0.0, 10.0, (1.75, 0.0, 1.45), 60.0, -0.04),
     "camera_cross_right_120fov": (-60.0, 10.0, (2.0, -0.9, 1.35), 60.0, -0.04),
     "camera_front_tele_30fov": (0.0, 3.0, (1.75, 0.1, 1.45), 15.0, 0.0),
+    # The rear ring (1.5's 7-camera set, 2 Super's 6): they look back, so they see the sky/road split of
+    # their own lens; the lanes drawn are the path ahead, which lies outside their view.
+    "camera_rear_left_70fov": (150.0, 8.0, (1.0, 0.9, 1.4), 35.0, -0.02),
+    "camera_rear_tele_30fov": (180.0, 3.0, (-0.8, 0.0, 1.5), 15.0, 0.0),
+    "camera_rear_right_70fov": (-150.0, 8.0, (1.0, -0.9, 1.4), 35.0, -0.02),
 }
 DEFAULT_RIG = CAMERA_RIGS["camera_front_wide_120fov"]  # any other camera name looks ahead like the wide one
 # Optical frame (x right, y down, z out of the lens) -> rig frame (x forward, y left, z up); columns are
@@ -131,6 +138,12 @@ def drive(plan: ClipPlan, hz: int = 100) -> dict[str, np.ndarray]:
     x = 100.0 + np.concatenate([[0.0], np.cumsum(speed[:-1] * np.cos(yaw[:-1])) / hz])
     y = -50.0 + np.concatenate([[0.0], np.cumsum(speed[:-1] * np.sin(yaw[:-1])) / hz])
     return {"t": t, "x": x, "y": y, "yaw": yaw, "speed": speed, "accel": accel, "curvature": curvature}
+
+
+def synthetic_routes(plans: list[ClipPlan]) -> dict[str, str]:
+    """clip_id -> route: the scenario's turn, metres from the default keyframe (5.1 s) to the end of
+    the turn-in (5.5 s); every fourth clip has no route (samples without one)."""
+    return {p.clip_id: scenario_route(p.scenario, 0.4 * p.speed) for i, p in enumerate(plans) if i % 4 != 3}
 
 
 def egomotion_table(path_: dict[str, np.ndarray], fault: str | None) -> pd.DataFrame:
@@ -414,6 +427,7 @@ def write_dataset(
         index=pd.Index(ids, name="clip_id"),
     )
     scenario.to_parquet(snap / "metadata" / "synthetic_scenarios.parquet")
+    (snap / SYNTHETIC_ROUTES).write_text(json.dumps(synthetic_routes(plans), indent=1) + "\n")
     # clip_index last: its presence marks a complete dataset.
     pd.DataFrame(
         {"chunk": [i // clips_per_chunk for i in range(len(ids))]}, index=pd.Index(ids, name="clip_id")

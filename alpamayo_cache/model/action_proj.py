@@ -31,10 +31,12 @@ class RMSNorm(nn.Module):
 class FourierFeatures(nn.Module):
     """sin/cos of 2*pi*f*x for log-spaced f in [1, max_freq], scaled by sqrt(2); [...] -> [..., dim]."""
 
-    def __init__(self, dim: int, max_freq: float) -> None:
+    def __init__(self, dim: int, max_freq: float, freqs_dtype: str = "fp32") -> None:
         super().__init__()
         self.out_dim = dim
         freqs = torch.logspace(0, math.log10(max_freq), steps=dim // 2)
+        if freqs_dtype == "bf16":  # the values a bf16 load leaves (the products stay fp32)
+            freqs = freqs.to(torch.bfloat16).float()
         self.register_buffer("freqs", freqs[None, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +67,10 @@ class ActionInProj(nn.Module):
     def __init__(self, cfg: ActionInProjConfig, action_dims: int, out_dim: int) -> None:
         super().__init__()
         feats = cfg.num_fourier_feats
-        self.sinus = nn.ModuleList(FourierFeatures(feats, cfg.max_freq) for _ in range(action_dims))
-        self.timestep_fourier_encoder = FourierFeatures(feats, cfg.max_freq)
+        self.sinus = nn.ModuleList(
+            FourierFeatures(feats, cfg.max_freq, cfg.freqs_dtype) for _ in range(action_dims)
+        )
+        self.timestep_fourier_encoder = FourierFeatures(feats, cfg.max_freq, cfg.freqs_dtype)
         in_dim = feats * (action_dims + 1)
         self.encoder = _Encoder(_mlp(in_dim, cfg.hidden_size, out_dim, cfg.num_enc_layers))
         self.norm = nn.LayerNorm(out_dim)

@@ -16,9 +16,22 @@ Units: metres, seconds, radians; accel in m/s^2, curvature in 1/m before normali
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from alpamayo_cache.config import ActionSpaceConfig
+
+STATS = ("accel_mean", "accel_std", "curvature_mean", "curvature_std")
+
+
+def effective_stats(cfg: ActionSpaceConfig) -> ActionSpaceConfig:
+    """``cfg`` with the normalisation stats the model really uses: bf16-rounded values when the release
+    rebuilds them in bf16 (``stats_dtype``), else as configured."""
+    if cfg.stats_dtype != "bf16":
+        return cfg
+    rounded = {k: float(torch.tensor(getattr(cfg, k)).to(torch.bfloat16)) for k in STATS}
+    return dataclasses.replace(cfg, **rounded)
 
 
 def yaw_from_rotation(rot: torch.Tensor) -> torch.Tensor:
@@ -78,7 +91,7 @@ class UnicycleActionSpace:
     """traj_to_action / action_to_traj with the released constants (see ActionSpaceConfig)."""
 
     def __init__(self, cfg: ActionSpaceConfig) -> None:
-        self.cfg = cfg
+        self.cfg = effective_stats(cfg)
 
     # -- speed fits ----------------------------------------------------------------------------
     def _speed_fit(self, dxy: torch.Tensor, heading: torch.Tensor, v0: torch.Tensor | None) -> torch.Tensor:
@@ -148,6 +161,13 @@ class UnicycleActionSpace:
         accel = self._scaled_fit(torch.ones_like(dv), dv, c.a_lambda, c.a_ridge)
         arc = c.dt * speed[..., :-1] + 0.5 * c.dt**2 * accel  # distance travelled per step
         curvature = self._scaled_fit(arc, torch.diff(heading, dim=-1), c.kappa_lambda, c.kappa_ridge)
+        if c.clamp_target_curvature:  # 2 Super's targets: clamp, then no curvature when (nearly) stopped
+            curvature = curvature.clamp(min=c.curvature_bounds[0], max=c.curvature_bounds[1])
+        if c.target_low_speed_mps > 0:
+            slow = (speed[..., :-1].abs() < c.target_low_speed_mps) | (
+                speed[..., 1:].abs() < c.target_low_speed_mps
+            )
+            curvature = torch.where(slow, torch.zeros_like(curvature), curvature)
         accel = (accel - c.accel_mean) / c.accel_std
         curvature = (curvature - c.curvature_mean) / c.curvature_std
         return torch.stack([accel, curvature], dim=-1)

@@ -2,7 +2,14 @@
 
 The expert is a transformers ``Qwen3VLTextModel`` built from the VLM text config with the expert
 overrides (REFERENCE §1), its token embedding deleted. Expert layer i attends to VLM layer i's cached
-keys/values (post k-norm, post-RoPE) followed by the action tokens' own keys/values.
+keys/values (post k-norm, post-RoPE) followed by the action tokens' own keys/values; an expert shallower
+than the VLM (2 Super's layout) reads the first VLM layers.
+
+Positions and masks follow the releases' inference path: the action tokens sit at rope_delta + L + 0..w-1
+(L = one past <|traj_future_start|>) and see every valid prefix token. Samples are stored unpadded; a
+batch is right-padded (``lengths`` masks the tail) or left-padded like the 1.5 release batches its
+prompts (``key_mask`` masks the pads; rope_deltas and lengths are then in padded coordinates, which leaves
+the positions unchanged, as the release's own rope_deltas fold the padding in).
 
 Several flow-matching draws per prefix (training draws, best-of-K samples) are folded into the token
 axis: n draws of w action tokens form one sequence of n*w tokens with the same positions per draw and a
@@ -68,6 +75,7 @@ def build_expert(cfg: ModelConfig) -> nn.Module:
         intermediate_size=e.intermediate_size,
         num_attention_heads=e.num_heads,
         head_dim=e.head_dim,
+        num_hidden_layers=cfg.expert_layers,
     )
     expert = Qwen3VLTextModel(text)
     del expert.embed_tokens
@@ -80,8 +88,10 @@ class Prefix:
 
     keys, values: [l, b, h, t, d] in the stored precision (t = longest prefix; shorter ones right-padded)
     rope_deltas:  [b] MRoPE offset of each prompt (negative: images use fewer positions than tokens)
-    lengths:      [b] true prefix length L of each sample
+    lengths:      [b] prefix length L of each sample: one past its <|traj_future_start|>; keys from L on
+                  are never attended
     kv_scale:     [b, l, 2] dequantisation scales of quantised stores, else None
+    key_mask:     [b, t] bool, False at padding inside [0, L) (left padding), else None
     """
 
     keys: torch.Tensor
@@ -89,10 +99,18 @@ class Prefix:
     rope_deltas: torch.Tensor
     lengths: torch.Tensor
     kv_scale: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
 
     @classmethod
     def from_batch(cls, batch) -> Prefix:
-        return cls(batch.keys, batch.values, batch.rope_deltas, batch.lengths, batch.kv_scale)
+        return cls(
+            batch.keys,
+            batch.values,
+            batch.rope_deltas,
+            batch.lengths,
+            batch.kv_scale,
+            getattr(batch, "key_mask", None),
+        )
 
     @property
     def batch_size(self) -> int:
@@ -114,6 +132,7 @@ class Prefix:
             move(self.rope_deltas),
             move(self.lengths),
             move(self.kv_scale),
+            move(self.key_mask),
         )  # type: ignore[arg-type]
 
     def layer(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,10 +171,13 @@ def attention_mask(prefix: Prefix, draws: int, waypoints: int, mode: str) -> tor
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     b, t = prefix.batch_size, prefix.width
     device = prefix.lengths.device
-    if mode == "bidirectional" and draws == 1 and bool((prefix.lengths == t).all()):
+    unpadded = prefix.key_mask is None or bool(prefix.key_mask.all())
+    if mode == "bidirectional" and draws == 1 and unpadded and bool((prefix.lengths == t).all()):
         return None
     n_tokens = draws * waypoints
     valid_prefix = torch.arange(t, device=device)[None, :] < prefix.lengths[:, None]  # [b, t]
+    if prefix.key_mask is not None:
+        valid_prefix = valid_prefix & prefix.key_mask.to(device=device, dtype=torch.bool)
     prefix_part = valid_prefix[:, None, :].expand(b, n_tokens, t)
     draw_of = torch.arange(n_tokens, device=device) // waypoints
     block = draw_of[:, None] == draw_of[None, :]

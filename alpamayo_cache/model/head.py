@@ -1,5 +1,6 @@
 """Build a policy from a model spec: a preset (random weights from a fixed seed), a released Alpamayo
-folder (head keys only), or a training-run checkpoint (config read from the checkpoint)."""
+folder (head keys only), or a training-run checkpoint (config read from the checkpoint). Head files
+use the release's key names (``expert.``-prefixed for 2 Super), mapped to module names on load."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import torch
 from alpamayo_cache.config import ModelConfig, resolve_model
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.model.policy import Policy
-from alpamayo_cache.model.weights import load_head_file, load_into, load_released, read_metadata
+from alpamayo_cache.model.weights import (
+    from_release_keys,
+    load_head_file,
+    load_into,
+    load_released,
+    read_metadata,
+)
 
 
 def init_head(cfg: ModelConfig, attention: str | None = None) -> Policy:
@@ -54,7 +61,7 @@ def load_head(spec: str, attention: str | None = None) -> tuple[Policy, ModelCon
         base = str(meta.get("base", cfg.name))
         if Path(base).is_dir():
             load_released(head, Path(base))
-        load_into(head, tensors, str(path), partial=True)
+        load_into(head, from_release_keys(tensors, cfg.head_key_prefix), str(path), partial=True)
         return head, cfg, f"checkpoint {path}"
     cfg = resolve_model(spec)
     head = init_head(cfg, attention)

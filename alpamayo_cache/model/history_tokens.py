@@ -56,3 +56,12 @@ def history_token_bins(hist_xyz: np.ndarray | torch.Tensor, num_bins: int = DEFA
     assert scaled.dtype == np.float32  # numpy must not have promoted anything to float64
     bins = np.rint(scaled).astype(np.int64)  # rint rounds half to even, like torch.round
     return np.clip(bins, 0, num_bins - 1).reshape(-1)
+
+
+def history_subset(bins: np.ndarray, count: int) -> np.ndarray:
+    """The history tokens a prompt carries: all 48, or the last 45 (2 Super with
+    ``pad_origin_at_beginning`` False encodes only the 15 deltas between consecutive history poses,
+    i.e. it drops the origin -> oldest-pose delta, the first three tokens)."""
+    if not 0 < count <= len(bins):
+        raise ValueError(f"cannot keep {count} of {len(bins)} history tokens")
+    return bins[len(bins) - count :]

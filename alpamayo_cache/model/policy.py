@@ -73,11 +73,30 @@ class Policy(nn.Module):
         return (per_draw * weights).sum() / weights.sum().clamp_min(1e-12)
 
     @torch.no_grad()
-    def sample(self, prefix: Prefix, noise: torch.Tensor, num_steps: int = 10) -> torch.Tensor:
-        """Normalised actions [b, k, w, 2]: Euler integration from noise [b, k, w, 2] at t=0 to t=1."""
+    def sample(
+        self,
+        prefix: Prefix,
+        noise: torch.Tensor,
+        num_steps: int = 10,
+        uncond: Prefix | None = None,
+        guidance: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Normalised actions [b, k, w, 2]: Euler integration from noise [b, k, w, 2] at t=0 to t=1.
+
+        With ``uncond`` (the same samples' prefixes without their route) and a guidance weight w (a
+        number, or one per sample [b]), each step uses v = (1 - w) v_uncond + w v_cond (classifier-free
+        guidance, as Alpamayo 1.5 samples)."""
         b, k = noise.shape[:2]
+        guided = uncond is not None and guidance is not None
+        if isinstance(guidance, torch.Tensor):
+            guidance = guidance.to(noise.device, torch.float32).reshape(b, 1, 1, 1)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.velocity(x, t.reshape(b, -1)[:, :1].expand(b, k), prefix)
+            times = t.reshape(b, -1)[:, :1].expand(b, k)
+            v_cond = self.velocity(x, times, prefix)
+            if not guided:
+                return v_cond
+            v_uncond = self.velocity(x, times, uncond)
+            return (1.0 - guidance) * v_uncond + guidance * v_cond
 
         return fm.euler_sample(velocity, noise, num_steps)

@@ -75,8 +75,8 @@ def check_tokenizer(tok, cfg: ModelConfig) -> None:
 
 
 def load_tokenizer(cfg: ModelConfig, folder: Path | None):
-    """The tiny preset builds its tokenizer; a real model reads one from a local folder."""
-    if cfg.name == "tiny":
+    """A toy preset builds its tokenizer; a real model reads one from a local folder."""
+    if cfg.toy:
         return build_tiny_tokenizer(cfg)
     if folder is None or not (Path(folder) / "tokenizer_config.json").is_file():
         raise UserError(

@@ -93,7 +93,10 @@ def build_vlm(
 
 @dataclass
 class EncodedPrefix:
-    """One sample's conditioning. keys/values: [l, h, L, d]; hidden: [D]."""
+    """One sample's conditioning. keys/values: [l, h, L, d]; hidden: [D].
+
+    A routed sample also carries ``uncond``: the same sample encoded from the prompt without its route
+    (the same reasoning replayed on top), whose first ``route_start`` tokens equal the guided ones."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -101,6 +104,18 @@ class EncodedPrefix:
     rope_delta: int
     length: int
     reasoning: str = ""
+    uncond: EncodedPrefix | None = None
+    route_start: int = -1
+
+
+def shared_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two prompts share (before the route's first token)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def stack_prefixes(encoded: list[EncodedPrefix]) -> Prefix:
@@ -146,15 +161,32 @@ class FrozenVLM:
         mode: str,
         seed: int = 0,
         max_reasoning_tokens: int = 64,
+        camera_ids: list[int] | None = None,
+        route: str | None = None,
     ) -> EncodedPrefix:
-        """images: uint8 [c, f, H, W, 3] at the model's size (camera-major); hist_xyz: [16, 3]."""
+        """images: uint8 [c, f, H, W, 3] at the model's size (camera-major); hist_xyz: [16, 3];
+        camera_ids: the release ids of the c cameras (labelled prompts); route: navigation text or None.
+
+        With a route the prompt is encoded twice, as Alpamayo 1.5's guided sampling does: with the route
+        (reasoning sampled there) and without it (the same reasoning tokens replayed on top)."""
         values, grid, per_image = image_inputs(images, self.cfg)
-        ids = torch.tensor([self.prompt.build(per_image, hist_xyz, mode)], device=self.device)
+        ids = self.prompt.build(per_image, hist_xyz, mode, camera_ids, route)
         pixels = values.to(self.device, self.dtype)
         grid = grid.to(self.device)
-        reasoning = ""
+        reasoning, generated = "", []
         if mode == "reasoning":
-            ids, reasoning = self._reason(ids, pixels, grid, seed, max_reasoning_tokens)
+            generated, reasoning = self._reason(ids, pixels, grid, seed, max_reasoning_tokens)
+        out = self._prefill(ids + generated, pixels, grid)
+        out.reasoning = reasoning
+        if route:
+            plain = self.prompt.build(per_image, hist_xyz, mode, camera_ids, None) + generated
+            out.uncond = self._prefill(plain, pixels, grid)
+            out.route_start = shared_length(ids + generated, plain)
+        return out
+
+    def _prefill(self, token_ids: list[int], pixels: torch.Tensor, grid: torch.Tensor) -> EncodedPrefix:
+        """One forward over the whole prompt: per-layer K/V, last hidden state, MRoPE delta."""
+        ids = torch.tensor([token_ids], device=self.device)
         mask = torch.ones_like(ids)
         position_ids, rope_deltas = self.model.model.get_rope_index(ids, grid, None, attention_mask=mask)
         out = self.model.model(
@@ -166,22 +198,21 @@ class FrozenVLM:
             use_cache=True,
         )
         layers = [_layer_kv(out.past_key_values, i) for i in range(self.cfg.text.num_layers)]
-        keys = torch.stack([k[0] for k, _ in layers])
-        values = torch.stack([v[0] for _, v in layers])
         return EncodedPrefix(
-            keys=keys,
-            values=values,
+            keys=torch.stack([k[0] for k, _ in layers]),
+            values=torch.stack([v[0] for _, v in layers]),
             hidden=out.last_hidden_state[0, -1].float(),
             rope_delta=int(rope_deltas.reshape(-1)[0]),
             length=int(ids.shape[1]),
-            reasoning=reasoning,
         )
 
-    def _reason(self, ids, pixels, grid, seed: int, max_new: int) -> tuple[torch.Tensor, str]:
-        """Sample chain-of-causation text (top_p 0.98, T 0.6) until <|traj_future_start|>."""
+    def _reason(self, prompt: list[int], pixels, grid, seed: int, max_new: int) -> tuple[list[int], str]:
+        """Sample chain-of-causation text (top_p 0.98, T 0.6) until <|traj_future_start|>: the tokens
+        generated (ending with it) and their text."""
         stop = self.prompt.ids["<|traj_future_start|>"]
         traj = range(self.cfg.traj_token_start_idx, self.cfg.traj_token_start_idx + self.cfg.traj_vocab_size)
         cuda = [] if self.device == "cpu" else [torch.device(self.device).index or 0]
+        ids = torch.tensor([prompt], device=self.device)
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             out = self.model.generate(
@@ -200,6 +231,4 @@ class FrozenVLM:
         new = out[0, ids.shape[1] :].tolist()
         if stop in new:
             new = new[: new.index(stop)]
-        text = self.tokenizer.decode(new, skip_special_tokens=False)
-        full = torch.tensor([ids[0].tolist() + new + [stop]], device=ids.device)
-        return full, text
+        return new + [stop], self.tokenizer.decode(new, skip_special_tokens=False)

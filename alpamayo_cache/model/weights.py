@@ -22,7 +22,12 @@ from alpamayo_cache.integrity import verify_checksum
 HEAD_PREFIXES = ("expert.", "action_in_proj.", "action_out_proj.")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-MODEL_TYPES = ("alpamayo_r1",)
+MODEL_TYPES = ("alpamayo_r1", "alpamayo1_5", "alpamayo2_super")
+# Buffers 1.5 and 2 Super rebuild from config.json (non-persistent in 1.5, ignored-when-missing in
+# 2 Super): a checkpoint copy is never required and never used when the model says buffers_from_config.
+REBUILT_SUFFIX = ".freqs"
+# 2 Super also keeps the action normalisation stats as (ignored) buffers: expert.action_space.*.
+CONFIG_ONLY_GROUPS = ("action_space.",)
 
 
 def is_head_key(key: str) -> bool:
@@ -87,8 +92,25 @@ def read_tensors(folder: Path, select: Callable[[str], bool], strip: str = "") -
     return tensors
 
 
-def read_head_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = read_tensors(folder, is_head_key)
+def from_release_keys(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> module names: strip the release's head prefix (2 Super: ``expert.``), drop
+    the config-only buffers (``action_space.*``: the stats come from config.json)."""
+    out = {}
+    for key, value in tensors.items():
+        name = key[len(prefix) :] if prefix and key.startswith(prefix) else key
+        if not name.startswith(CONFIG_ONLY_GROUPS):
+            out[name] = value
+    return out
+
+
+def to_release_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Module names -> the release's checkpoint names (2 Super: ``expert.expert.*``, ``expert.action_*``)."""
+    return {prefix + key: value for key, value in state.items()}
+
+
+def read_head_tensors(folder: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The head's tensors of a release folder, under module names."""
+    tensors = from_release_keys(read_tensors(folder, is_head_key), prefix)
     if not tensors:
         raise UserError(f"{folder} holds no expert.*/action_in_proj.*/action_out_proj.* weights")
     return tensors
@@ -98,8 +120,13 @@ def load_into(
     module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str, partial: bool = False
 ) -> None:
     """Copy ``tensors`` into ``module`` checking names and shapes; every head key must be present
-    unless ``partial`` (a run that trained only some groups saves only those)."""
+    unless ``partial`` (a run that trained only some groups saves only those). A model whose buffers
+    come from config (1.5, 2 Super) neither needs nor takes the checkpoint's Fourier frequencies."""
     expected = {k: v for k, v in module.state_dict().items() if is_head_key(k)}
+    cfg = getattr(module, "cfg", None)
+    if cfg is not None and cfg.buffers_from_config:
+        expected = {k: v for k, v in expected.items() if not k.endswith(REBUILT_SUFFIX)}
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(REBUILT_SUFFIX)}
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise UserError(
@@ -123,7 +150,8 @@ def load_into(
 
 
 def load_released(module: torch.nn.Module, folder: Path) -> None:
-    load_into(module, read_head_tensors(folder), str(folder))
+    cfg = getattr(module, "cfg", None)
+    load_into(module, read_head_tensors(folder, cfg.head_key_prefix if cfg else ""), str(folder))
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:

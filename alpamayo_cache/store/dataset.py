@@ -1,7 +1,9 @@
 """Batches of committed samples, with length-bucketed, resumable batch order.
 
 Samples of equal prefix length L are batched together so no padding is needed; only a final
-mixed-length remainder is right-padded (and masked by the expert). The batch order of epoch e is a
+mixed-length remainder is right-padded (and masked by the expert), or left-padded the way the 1.5
+release batches its prompts (``pad_side="left"``: a key mask marks the pads). A routed sample carries its
+unguided suffix along; ``model.guidance`` turns those into the batch's unguided prefix when asked. The batch order of epoch e is a
 pure function of (seed, e), so a resumed run skips the batches it already consumed and sees exactly
 the batches the uninterrupted run would have seen.
 """
@@ -59,6 +61,18 @@ def epoch_batches(
 
 
 @dataclass
+class UncondSuffix:
+    """A routed sample's unguided prefix = its first ``route_start`` K/V tokens, then ``keys``/``values``
+    [l, h, S, d] (stored precision); ``length`` and ``rope_delta`` are the unguided prompt's."""
+
+    route_start: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int
+    rope_delta: int
+
+
+@dataclass
 class Batch:
     """A micro-batch as the model consumes it. K/V stay in their stored precision.
 
@@ -79,6 +93,8 @@ class Batch:
     hist_rot: torch.Tensor
     fut_xyz: torch.Tensor
     fut_rot: torch.Tensor
+    key_mask: torch.Tensor | None = None  # [b, t] bool, left padding only (False = pad)
+    uncond: list[UncondSuffix | None] | None = None  # per sample; None when no sample has a route
 
     def pin_memory(self) -> Batch:
         for f in fields(self):
@@ -88,35 +104,54 @@ class Batch:
         return self
 
 
-def _padded(parts: list[torch.Tensor], longest: int) -> torch.Tensor:
-    """Stack [l, h, L_i, d] tensors into [l, b, h, longest, d], zero-padded (copied as raw bytes, so
-    every stored dtype, fp8 included, takes the same path)."""
+def _padded(parts: list[torch.Tensor], longest: int, left: bool = False) -> torch.Tensor:
+    """Stack [l, h, L_i, d] tensors into [l, b, h, longest, d], zero-padded on the right (or left)
+    (copied as raw bytes, so every stored dtype, fp8 included, takes the same path)."""
     first = parts[0]
     raw = [p.view(torch.uint8) for p in parts]
     layers, heads, _, width = raw[0].shape
     out = torch.zeros(layers, len(parts), heads, longest, width, dtype=torch.uint8)
     for i, r in enumerate(raw):
-        out[:, i, :, : r.shape[2]] = r
+        start = longest - r.shape[2] if left else 0
+        out[:, i, :, start : start + r.shape[2]] = r
     return out.view(first.dtype)
 
 
-def collate(samples: list[CachedSample]) -> Batch:
-    """Stack samples; K/V are right-padded to the longest prefix in the batch."""
+def _uncond(sample: CachedSample) -> UncondSuffix | None:
+    if sample.uncond_keys is None or sample.uncond_values is None:
+        return None
+    info = sample.info
+    return UncondSuffix(
+        info.route_start, sample.uncond_keys, sample.uncond_values, info.uncond_length, info.uncond_rope_delta
+    )
+
+
+def collate(samples: list[CachedSample], pad_side: str = "right") -> Batch:
+    """Stack samples; K/V are padded to the longest prefix in the batch. Left padding moves each
+    sample's rope delta and length into padded coordinates (positions stay rope_delta + L)."""
+    if pad_side not in ("right", "left"):
+        raise ValueError(f"pad_side must be right or left, got {pad_side!r}")
     longest = max(s.info.length for s in samples)
+    left = pad_side == "left"
+    real = torch.tensor([s.info.length for s in samples])
+    pads = longest - real if left else torch.zeros_like(real)
     scales = [s.kv_scale for s in samples]
+    uncond = [_uncond(s) for s in samples]
     return Batch(
         sample_ids=[s.info.sample_id for s in samples],
-        keys=_padded([s.keys for s in samples], longest),
-        values=_padded([s.values for s in samples], longest),
+        keys=_padded([s.keys for s in samples], longest, left),
+        values=_padded([s.values for s in samples], longest, left),
         kv_scale=torch.stack(scales) if scales[0] is not None else None,  # type: ignore[arg-type]
-        rope_deltas=torch.tensor([s.info.rope_delta for s in samples]),
-        lengths=torch.tensor([s.info.length for s in samples]),
+        rope_deltas=torch.tensor([s.info.rope_delta for s in samples]) - pads,
+        lengths=real + pads,
         hidden=torch.stack([s.hidden for s in samples]),
         action=torch.stack([s.action for s in samples]),
         hist_xyz=torch.stack([s.hist_xyz for s in samples]),
         hist_rot=torch.stack([s.hist_rot for s in samples]),
         fut_xyz=torch.stack([s.fut_xyz for s in samples]),
         fut_rot=torch.stack([s.fut_rot for s in samples]),
+        key_mask=(torch.arange(longest)[None, :] >= pads[:, None]) if left else None,
+        uncond=uncond if any(u is not None for u in uncond) else None,
     )
 
 

@@ -7,6 +7,9 @@
     kv        [l, 2, h, L, d]  keys (0) and values (1) per VLM layer, one chunk per layer:
                                bf16 bits as uint16 | fp32 | fp8 e4m3 bytes as uint8
     kv_scale  [l, 2]           fp8 only: per-layer, per K|V dequantisation scale
+    kv_uncond [l, 2, h, S, d]  routed samples only: K/V of the prompt WITHOUT its route from the first
+                               token that differs (route_start) on; the tokens before it are bit-identical
+                               to kv's and are not stored twice (fp8: encoded with kv's scales)
     hidden    [D]              VLM last hidden state (after the final norm) at <|traj_future_start|>
     hist_xyz [16,3] hist_rot [16,3,3] fut_xyz [64,3] fut_rot [64,3,3] action [64,2]   float32, ego frame
     thumbs    [c, 48, 80, 3]   uint8 camera thumbnails (last frame of each camera) for plots
@@ -48,6 +51,7 @@ ROOT_ENTRIES = {"zarr.json", SAMPLES_DIR, STAGING_DIR, QUARANTINE_DIR, FAILURES_
 
 KV = "kv"
 KV_SCALE = "kv_scale"
+KV_UNCOND = "kv_uncond"
 HIDDEN = "hidden"
 HIST_XYZ = "hist_xyz"
 HIST_ROT = "hist_rot"
@@ -99,22 +103,32 @@ class StoreInfo:
     fingerprint: str = ""
     created_by: dict[str, str] = field(default_factory=dict)
 
+    # What else shaped the features: the routes' digest (None: no routes). Empty for R1 stores.
+    inputs: dict[str, Any] = field(default_factory=dict)
+
     @staticmethod
     def compute_fingerprint(
-        model_identity: str, model_config: dict, prompt_mode: str, kv_dtype: str, compute_dtype: str
+        model_identity: str,
+        model_config: dict,
+        prompt_mode: str,
+        kv_dtype: str,
+        compute_dtype: str,
+        inputs: dict[str, Any] | None = None,
     ) -> str:
-        payload = json.dumps(
-            {
-                "layout": LAYOUT_VERSION,
-                "model": model_identity,
-                "config": model_config,
-                "prompt": prompt_mode,
-                "kv_dtype": kv_dtype,
-                "compute_dtype": compute_dtype,
-            },
-            sort_keys=True,
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """The model config carries the prompt layout (release, camera/frame labels, history tokens,
+        route format), so stores of different releases never share a fingerprint; ``inputs`` adds what
+        else the features depend on (e.g. the routes), left out when empty so R1 fingerprints stay."""
+        payload: dict[str, Any] = {
+            "layout": LAYOUT_VERSION,
+            "model": model_identity,
+            "config": model_config,
+            "prompt": prompt_mode,
+            "kv_dtype": kv_dtype,
+            "compute_dtype": compute_dtype,
+        }
+        if inputs:
+            payload["inputs"] = inputs
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +153,13 @@ class SampleInfo:
     rope_delta: int
     reasoning: str = ""
     writer: dict[str, Any] = field(default_factory=dict)
+    # Navigation route (1.5 / 2 Super): the text the prompt carried, and whether it had one. A routed
+    # sample also stores its unguided prefix: the first route_start tokens of kv, then kv_uncond.
+    has_route: bool = False
+    route: str = ""
+    route_start: int = -1
+    uncond_length: int = 0
+    uncond_rope_delta: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -265,10 +286,15 @@ def sample_bytes(
     return layers * on_disk(kv_chunk) + sum(on_disk(a + crc) for a in arrays) + metadata + folders
 
 
-def encode_kv(kv: Any, kv_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """torch [l, 2, h, L, d] -> (bits for disk, per-(layer, K|V) scale for fp8 or None)."""
+def encode_kv(kv: Any, kv_dtype: str, scale: Any | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """torch [l, 2, h, L, d] -> (bits for disk, per-(layer, K|V) scale for fp8 or None). fp8 with a given
+    ``scale`` [l, 2] (an unguided suffix shares its sample's scales) saturates at e4m3's range."""
     import torch
 
+    if kv_dtype == "fp8" and scale is not None:
+        s = torch.as_tensor(scale, dtype=torch.float32, device=kv.device)[:, :, None, None, None]
+        q = (kv.float() / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        return q.contiguous().view(torch.uint8).cpu().numpy(), np.asarray(scale, np.float32)
     if kv_dtype == "bf16":
         return kv.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16), None
     if kv_dtype == "fp32":

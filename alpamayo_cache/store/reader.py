@@ -36,6 +36,9 @@ class CachedSample:
     fut_xyz: torch.Tensor
     fut_rot: torch.Tensor
     action: torch.Tensor  # [w, 2] normalised (accel, curvature) target
+    # Routed samples: the unguided prefix's K/V from info.route_start on, [l, h, S, d] (stored precision).
+    uncond_keys: torch.Tensor | None = None
+    uncond_values: torch.Tensor | None = None
 
 
 def kv_tensor(bits: np.ndarray, kv_dtype: str) -> torch.Tensor:
@@ -122,11 +125,13 @@ class StoreReader:
             ) from exc
 
     def read(self, sample_id: str) -> CachedSample:
+        info = self.sample_info(sample_id)
         names = [F.KV, F.HIDDEN, *F.TRUTH_ARRAYS]
         if self.info.kv_dtype == "fp8":
             names.append(F.KV_SCALE)
+        if info.route_start >= 0:  # a few dozen tokens: always read with the sample
+            names.append(F.KV_UNCOND)
         arrays = self.arrays(sample_id, names)
-        info = self.sample_info(sample_id)
         kv = kv_tensor(arrays[F.KV], self.info.kv_dtype)
         if kv.shape[3] != info.length:
             raise CorruptSample(
@@ -135,6 +140,13 @@ class StoreReader:
 
         def t(name: str) -> torch.Tensor:
             return torch.from_numpy(arrays[name])
+
+        uncond = kv_tensor(arrays[F.KV_UNCOND], self.info.kv_dtype) if F.KV_UNCOND in arrays else None
+        if uncond is not None and info.route_start + uncond.shape[3] != info.uncond_length:
+            raise CorruptSample(
+                f"sample {sample_id}: kv_uncond holds {uncond.shape[3]} tokens after {info.route_start}, "
+                f"metadata says {info.uncond_length} in all"
+            )
 
         return CachedSample(
             info=info,
@@ -147,6 +159,8 @@ class StoreReader:
             fut_xyz=t(F.FUT_XYZ),
             fut_rot=t(F.FUT_ROT),
             action=t(F.ACTION),
+            uncond_keys=None if uncond is None else uncond[:, 0],
+            uncond_values=None if uncond is None else uncond[:, 1],
         )
 
     def thumbnails(self, sample_id: str) -> np.ndarray:

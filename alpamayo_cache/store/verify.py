@@ -121,6 +121,8 @@ def summary(root: Path) -> dict:
         "by_split": dict(Counter(i.split for i in infos.values())),
         "by_camera_set": dict(Counter(i.camera_set for i in infos.values())),
         "prefix_length": {"min": min(lengths), "max": max(lengths)} if lengths else {},
+        "release": reader.info.model_config.get("release", "alpamayo-r1"),
+        "with_route": sum(1 for i in infos.values() if i.has_route),
         "bytes": size,
         "failures": len(read_failures(root)),
     }

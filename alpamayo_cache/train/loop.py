@@ -20,7 +20,7 @@ import torch
 from alpamayo_cache.config import ModelConfig
 from alpamayo_cache.configs import TrainConfig
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.model.expert import Prefix
+from alpamayo_cache.model.guidance import route_generator, training_prefix
 from alpamayo_cache.runtime import log, progress
 from alpamayo_cache.store.dataset import CachedFeatures
 from alpamayo_cache.store.reader import StoreReader
@@ -90,6 +90,11 @@ def plan_check(
 
 def run(cfg: TrainConfig) -> TrainResult:
     run_dir = cfg.output_dir
+    if cfg.dry_run and cfg.model:  # plan from a preset: no store needed (e.g. Alpamayo 2 Super)
+        from alpamayo_cache.train.preset_plan import preset_plan
+
+        preset_plan(cfg)
+        return TrainResult(run_dir, [], [], None, 0)
     reader = StoreReader(cfg.store)
     log.info(f"train: {cfg.store} -> {run_dir} ({cfg.scope}, {cfg.steps} steps)")
     store_cfg = ModelConfig.from_dict(reader.info.model_config)
@@ -225,7 +230,9 @@ def _step(
     for micro in range(cfg.grad_accum):
         t_wait = time.perf_counter()
         epoch, index, batch = next(batches)
-        prefix = Prefix.from_batch(batch).to(setup.device)
+        # Routed samples go without their route at rate --route-dropout (guided and unguided velocity).
+        route_draws = route_generator(cfg.seed, epoch, index)
+        prefix = training_prefix(batch, cfg.route_dropout, route_draws).to(setup.device)
         waited += time.perf_counter() - t_wait
         if not prefix.all_finite():
             raise UserError(

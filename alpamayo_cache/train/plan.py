@@ -7,9 +7,10 @@ Terms (bytes):
 - weights: every head parameter in the training dtype (bf16 on GPU), LoRA adapters in fp32;
 - grads: one per trainable parameter, in its dtype;
 - optimizer: AdamW's two moments, fp32 (8 B/param), or 8-bit (2 B/param) with bitsandbytes;
-- kv batch: micro-batch x L x 36 layers x K,V x 8 heads x 128 x itemsize (the stored precision: 2 B for
-  bf16, 1 B for fp8, which is dequantised one layer at a time on the GPU);
-- activations: what autograd keeps for backward. Per expert layer and sample the big items are the
+- kv batch: micro-batch x L x VLM layers x K,V x kv-heads x head_dim x itemsize (the stored precision: 2 B
+  for bf16, 1 B for fp8, which is dequantised one layer at a time on the GPU);
+- activations: what autograd keeps for backward (expert layers: 2 Super's expert depth is its own). Per
+  expert layer and sample the big items are the
   concatenated [prefix ; action] K and V (2 x h x (L + w) x d), plus the w-token hidden states and
   MLP intermediates. With gradient checkpointing only each layer's input is kept, plus one layer
   being recomputed;
@@ -35,7 +36,7 @@ def head_parameter_count(cfg: ModelConfig) -> dict[str, int]:
     o = e.num_heads * e.head_dim * e.hidden_size
     mlp = 3 * e.hidden_size * e.intermediate_size
     norms = 2 * e.hidden_size + 2 * e.head_dim
-    expert = t.num_layers * (q + kv + o + mlp + norms) + e.hidden_size
+    expert = cfg.expert_layers * (q + kv + o + mlp + norms) + e.hidden_size
     p = cfg.action_in_proj
     feats = p.num_fourier_feats * 3
     h = p.hidden_size
@@ -58,7 +59,7 @@ def lora_parameter_count(cfg: ModelConfig, rank: int) -> int:
         (e.hidden_size, e.intermediate_size),
         (e.intermediate_size, e.hidden_size),
     ]
-    return t.num_layers * sum(rank * (a + b) for a, b in shapes)
+    return cfg.expert_layers * sum(rank * (a + b) for a, b in shapes)
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,9 @@ def plan(
     per_layer = concat_kv + attn_small + mlp + 4 * hidden
     # Even with a frozen expert ("heads"), gradients reach action_in_proj through every expert layer.
     if checkpointing:
-        activations = t.num_layers * hidden + per_layer
+        activations = cfg.expert_layers * hidden + per_layer
     else:
-        activations = t.num_layers * per_layer
+        activations = cfg.expert_layers * per_layer
     return MemoryPlan(weights, grads, optim, kv_batch, activations, CUDA_OVERHEAD if cuda else 0)
 
 

@@ -14,7 +14,7 @@ from alpamayo_cache.configs import TrainConfig
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.model.head import head_config, load_head
 from alpamayo_cache.model.policy import Policy
-from alpamayo_cache.model.weights import is_head_key, save_tensors
+from alpamayo_cache.model.weights import REBUILT_SUFFIX, is_head_key, save_tensors, to_release_keys
 from alpamayo_cache.runtime import compute_dtype, resolve_device
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.train.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
@@ -51,6 +51,19 @@ def resolve_init(init: str, reader: StoreReader) -> str:
 
 
 def check_head_matches_store(head_cfg: ModelConfig, store_cfg: ModelConfig, source: str) -> None:
+    """The head must read the cache the store holds: the same prompt layout (release) and K/V shapes."""
+    mine, theirs = head_cfg.prompt_signature(), store_cfg.prompt_signature()
+    if mine != theirs:
+        field = next(k for k in mine if mine[k] != theirs[k])
+        raise UserError(
+            f"the store was made for {theirs['release']} ({field} {theirs[field]}), {source} is {mine['release']} "
+            f"({field} {mine[field]}): use a store made with this model, or a model of the store's release"
+        )
+    if head_cfg.expert_layers > store_cfg.text.num_layers:
+        raise UserError(
+            f"{source} has {head_cfg.expert_layers} expert layers, the store holds {store_cfg.text.num_layers} "
+            "VLM layers: checkpoint of another architecture"
+        )
     h, s = head_cfg.text, store_cfg.text
     if (h.num_layers, h.num_kv_heads, h.head_dim) != (s.num_layers, s.num_kv_heads, s.head_dim):
         raise UserError(
@@ -104,9 +117,11 @@ def export_head(policy: Policy, path: Path, scope: str, base: str, cfg: ModelCon
             key = key.replace(".base_layer.", ".")
             if "lora_" in key or not is_head_key(key) or key.split(".")[0] not in GROUPS_BY_SCOPE[scope]:
                 continue
+            if cfg.buffers_from_config and key.endswith(REBUILT_SUFFIX):
+                continue  # rebuilt from the config, as the release does
             state[key] = value
         meta = {"model_config": cfg.to_dict(), "base": base, "scope": scope, "step": step}
-        save_tensors(path, state, meta)
+        save_tensors(path, to_release_keys(state, cfg.head_key_prefix), meta)
     finally:
         for m in lora_layers:
             m.unmerge()
@@ -147,7 +162,7 @@ def build(
         policy.expert.to(dtype)  # frozen (or LoRA-adapted) expert in bf16, trainables stay fp32
     policy.to(device)
     policy.gradient_checkpointing = checkpointing
-    lr = cfg.lr if cfg.lr is not None else (3e-3 if head_cfg.name == "tiny" else 5e-5)
+    lr = cfg.lr if cfg.lr is not None else (3e-3 if head_cfg.toy else 5e-5)
     optimizer = make_optimizer(params, optimizer_name, lr, cfg.weight_decay, cfg.betas)
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, lr, lr * cfg.min_lr_ratio)
     return Setup(policy, head_cfg, params, optimizer, scheduler, init, described, device, dtype)
