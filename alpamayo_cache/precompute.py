@@ -3,7 +3,9 @@
 ``run(cfg)`` plans every (clip, keyframe, camera set) sample, prints the plan (samples, bytes, free
 disk) and refuses a plan the disk cannot hold, then runs the VLM once per missing sample and commits
 it. Re-running resumes: committed samples are skipped, half-written ones removed. Writing a sample
-happens on a background thread while the next sample is decoded and encoded.
+happens on a background thread while the next sample is decoded and encoded. Each sample also keeps
+its front-wide camera frame at t0 (store/format.FRONT_IMAGE) and that camera's calibration record, for
+the rewards of reward-weighted fine-tuning and eval.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from alpamayo_cache.config import ALL_CAMERAS, ModelConfig, resolve_model
 from alpamayo_cache.configs import SYNTHETIC, PrecomputeConfig
+from alpamayo_cache.data.camera_model import FRONT_CAMERA, CameraView
 from alpamayo_cache.data.samples import (
     Sample,
     SampleSpec,
@@ -236,7 +239,27 @@ def _store_info(
             vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype)
         ),
         created_by=versions(device),
+        front_image_hw=list(F.FRONT_IMAGE_SIZE),
     )
+
+
+def front_camera_record(source: ClipSource, clip_id: str) -> dict | None:
+    """The front-wide camera's CameraView record for the stored front image; None when the clip has no
+    (usable) calibration for it, and the rewards then treat its images as unknown."""
+    try:
+        calibration = source.calibration(clip_id)
+        if calibration is None or FRONT_CAMERA not in calibration.cameras:
+            return None
+        view = CameraView.from_calibration(
+            calibration.intrinsics[FRONT_CAMERA],
+            calibration.extrinsics[FRONT_CAMERA],
+            F.FRONT_IMAGE_SIZE,
+            FRONT_CAMERA,
+        )
+    except Exception as exc:  # a damaged calibration costs the rewards their image, not the sample
+        log.warning(f"clip {clip_id}: front camera calibration unusable, stored as absent ({exc})")
+        return None
+    return view.to_dict()
 
 
 def _encode_all(
@@ -247,10 +270,13 @@ def _encode_all(
     pending: Future | None = None
     provenance = {**versions(device), "rank": writer.rank, "data": plan.source.description}
     space = UnicycleActionSpace(plan.model.action_space)
+    cameras: dict[str, dict | None] = {}  # front camera record per clip (keyframes share it)
     with ThreadPoolExecutor(max_workers=1) as pool:  # one write in flight overlaps the next forward
         for spec in progress(plan.todo, len(plan.todo), "precompute"):
             try:
-                sample = load_sample(plan.source, spec, plan.model, max_gap_s=cfg.max_ego_gap_s)
+                sample = load_sample(
+                    plan.source, spec, plan.model, max_gap_s=cfg.max_ego_gap_s, front_hw=F.FRONT_IMAGE_SIZE
+                )
                 seed = cfg.seed * 1_000_003 + int(hashlib.sha256(spec.sample_id.encode()).hexdigest()[:8], 16)
                 enc = vlm.encode(
                     sample.images,
@@ -260,6 +286,8 @@ def _encode_all(
                     max_reasoning_tokens=cfg.max_reasoning_tokens,
                 )
                 arrays = sample_arrays(sample, enc, space, plan.kv_dtype)
+                if spec.clip_id not in cameras:
+                    cameras[spec.clip_id] = front_camera_record(plan.source, spec.clip_id)
             except BadClip as exc:
                 failures[spec.sample_id] = str(exc)
                 writer.record_failure(spec.sample_id, str(exc))
@@ -275,6 +303,7 @@ def _encode_all(
                 rope_delta=enc.rope_delta,
                 reasoning=enc.reasoning,
                 writer=provenance,
+                front_camera=cameras[spec.clip_id] if sample.front is not None else None,
             )
             if pending is not None:
                 pending.result()
@@ -307,6 +336,10 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
         F.FUT_ROT: sample.fut_rot,
         F.ACTION: action.numpy().astype(np.float32),
         F.THUMBS: resize_frames(np.ascontiguousarray(sample.images[:, -1]), F.THUMB_SIZE),
+        # black when the clip has no readable front camera (its camera record is then None)
+        F.FRONT_IMAGE: sample.front
+        if sample.front is not None
+        else np.zeros((*F.FRONT_IMAGE_SIZE, 3), np.uint8),
     }
     if scale is not None:
         arrays[F.KV_SCALE] = scale

@@ -230,7 +230,7 @@ def assert_same_features(a: Path, b: Path) -> None:
     ra, rb = StoreReader(a), StoreReader(b)
     assert sorted(ra.sample_infos()) == sorted(rb.sample_infos())
     for sid in ra.sample_infos():
-        for name in (L.KV, L.HIDDEN, L.ACTION, L.FUT_XYZ, L.THUMBS):
+        for name in (L.KV, L.HIDDEN, L.ACTION, L.FUT_XYZ, L.THUMBS, L.FRONT_IMAGE):
             x = zarr.open_group(str(a / L.SAMPLES_DIR / sid), mode="r")[name][...]
             y = zarr.open_group(str(b / L.SAMPLES_DIR / sid), mode="r")[name][...]
             assert np.array_equal(x, y), (sid, name)

@@ -8,22 +8,27 @@ the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from alpamayo_cache.errors import UserError
+from alpamayo_cache.store.format import SampleInfo
 from alpamayo_cache.store.reader import CachedSample, StoreReader
 
 
 class CachedFeatures(Dataset):
-    """Item = one committed sample (K/V, rope delta, ground truth). Opens the store lazily per worker."""
+    """Item = one committed sample (K/V, rope delta, ground truth; with ``front``, its front-camera
+    image for the rewards). Opens the store lazily per worker."""
 
-    def __init__(self, root: Path, sample_ids: list[str], reader: StoreReader | None = None) -> None:
+    def __init__(
+        self, root: Path, sample_ids: list[str], reader: StoreReader | None = None, front: bool = False
+    ) -> None:
         self.root = Path(root)
         self.sample_ids = list(sample_ids)
+        self.front = front
         self._reader = reader
         reader = reader or StoreReader(self.root)
         self.lengths = [reader.sample_info(s).length for s in self.sample_ids]
@@ -34,7 +39,7 @@ class CachedFeatures(Dataset):
     def __getitem__(self, index: int) -> CachedSample:
         if self._reader is None:  # one reader per DataLoader worker process
             self._reader = StoreReader(self.root)
-        return self._reader.read(self.sample_ids[index])
+        return self._reader.read(self.sample_ids[index], front=self.front)
 
 
 def epoch_batches(
@@ -65,6 +70,8 @@ class Batch:
     keys, values: [l, b, h, t, d] (t = longest prefix; shorter ones right-padded with zeros)
     kv_scale:     [b, l, 2] fp32 dequantisation scales (fp8 stores) or None
     rope_deltas, lengths: [b]; hidden [b, D]; action [b, w, 2]; trajectories in the ego frame at t0.
+    front_image:  uint8 [b, H, W, 3] front-camera images (read for the rewards only) or None
+    infos:        the samples' attributes (reasoning text, front camera record, ...)
     """
 
     sample_ids: list[str]
@@ -79,6 +86,8 @@ class Batch:
     hist_rot: torch.Tensor
     fut_xyz: torch.Tensor
     fut_rot: torch.Tensor
+    front_image: torch.Tensor | None = None
+    infos: list[SampleInfo] = field(default_factory=list)
 
     def pin_memory(self) -> Batch:
         for f in fields(self):
@@ -104,6 +113,7 @@ def collate(samples: list[CachedSample]) -> Batch:
     """Stack samples; K/V are right-padded to the longest prefix in the batch."""
     longest = max(s.info.length for s in samples)
     scales = [s.kv_scale for s in samples]
+    fronts = [s.front_image for s in samples]
     return Batch(
         sample_ids=[s.info.sample_id for s in samples],
         keys=_padded([s.keys for s in samples], longest),
@@ -117,6 +127,8 @@ def collate(samples: list[CachedSample]) -> Batch:
         hist_rot=torch.stack([s.hist_rot for s in samples]),
         fut_xyz=torch.stack([s.fut_xyz for s in samples]),
         fut_rot=torch.stack([s.fut_rot for s in samples]),
+        front_image=torch.stack(fronts) if all(f is not None for f in fronts) else None,  # type: ignore[arg-type]
+        infos=[s.info for s in samples],
     )
 
 

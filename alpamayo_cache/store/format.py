@@ -10,6 +10,8 @@
     hidden    [D]              VLM last hidden state (after the final norm) at <|traj_future_start|>
     hist_xyz [16,3] hist_rot [16,3,3] fut_xyz [64,3] fut_rot [64,3,3] action [64,2]   float32, ego frame
     thumbs    [c, 48, 80, 3]   uint8 camera thumbnails (last frame of each camera) for plots
+    front_image [180, 320, 3]  uint8 front-wide camera at t0 (rewards' visual safety); its camera record
+                               (data/camera_model.CameraView.to_dict, or None) is the attr front_camera
   staging/rank-<r>/<id>/       samples being written; renamed into samples/ when complete
   quarantine/<id>/             damaged samples moved aside by `repair` (re-made by the next precompute)
   failures/rank-<r>.jsonl      clips/samples that could not be made, with the reason
@@ -56,6 +58,11 @@ FUT_ROT = "fut_rot"
 ACTION = "action"
 THUMBS = "thumbs"
 THUMB_SIZE = (48, 80)
+# The front-wide camera's last frame (the one the prompt shows at t0), resized from the decoded native
+# frame for the rewards of reward-weighted fine-tuning (issue 16): enough pixels for a corridor's texture
+# and colour, 173 KB per sample (0.04% of a real-size bf16 sample). Read only when asked (awr, eval).
+FRONT_IMAGE = "front_image"
+FRONT_IMAGE_SIZE = (180, 320)
 TRUTH_ARRAYS = (HIST_XYZ, HIST_ROT, FUT_XYZ, FUT_ROT, ACTION)
 KV_ITEMSIZE = {"bf16": 2, "fp32": 4, "fp8": 1}
 
@@ -98,6 +105,7 @@ class StoreInfo:
     attn_implementation: str
     fingerprint: str = ""
     created_by: dict[str, str] = field(default_factory=dict)
+    front_image_hw: list[int] | None = None  # [H, W] of every sample's front_image; None: not stored
 
     @staticmethod
     def compute_fingerprint(
@@ -111,6 +119,7 @@ class StoreInfo:
                 "prompt": prompt_mode,
                 "kv_dtype": kv_dtype,
                 "compute_dtype": compute_dtype,
+                "front_image": list(FRONT_IMAGE_SIZE),  # what precompute stores for the rewards
             },
             sort_keys=True,
         )
@@ -139,6 +148,7 @@ class SampleInfo:
     rope_delta: int
     reasoning: str = ""
     writer: dict[str, Any] = field(default_factory=dict)
+    front_camera: dict[str, Any] | None = None  # CameraView record of front_image; None: no calibration
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,9 +255,11 @@ def sample_bytes(
     kv = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype) * length + layers * crc
     arrays = [hidden * 4, 16 * 3 * 4, 16 * 9 * 4, 64 * 3 * 4, 64 * 9 * 4, 64 * 2 * 4]
     arrays.append(cameras * THUMB_SIZE[0] * THUMB_SIZE[1] * 3)
+    arrays.append(FRONT_IMAGE_SIZE[0] * FRONT_IMAGE_SIZE[1] * 3)
     if kv_dtype == "fp8":
         arrays.append(layers * 2 * 4)
-    metadata = 700 * (len(arrays) + 1) + 1500  # one zarr.json per array (~700 B) + the group's attrs
+    # one zarr.json per array (~700 B) + the group's attrs (~1.5 KB, plus ~1.2 KB of camera record)
+    metadata = 700 * (len(arrays) + 1) + 1500 + 1200
     return kv + sum(a + crc for a in arrays) + metadata
 
 
