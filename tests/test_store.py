@@ -169,7 +169,7 @@ def test_plan_refuses_a_disk_too_small(synthetic_data, tmp_path, monkeypatch):
     monkeypatch.setattr(
         shutil_mod, "disk_usage", lambda path: shutil_mod._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
     )
-    with pytest.raises(UserError, match="needs 1.64 MB but .* has 1 KB free"):
+    with pytest.raises(UserError, match="needs 3.21 MB but .* has 1 KB free"):
         run(precompute_cfg(synthetic_data, tmp_path / "store"))
     dry = run(precompute_cfg(synthetic_data, tmp_path / "store", dry_run=True))
     assert dry.planned == 9 and dry.expected_bytes > 1000 and not (tmp_path / "store").exists()
