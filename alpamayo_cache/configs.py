@@ -17,7 +17,7 @@ SYNTHETIC = "synthetic"
 PROMPT_MODES = ("traj-only", "reasoning")
 KV_DTYPES = ("bf16", "fp32", "fp8")
 SCOPES = ("all", "heads", "lora")
-OBJECTIVES = ("fm",)
+OBJECTIVES = ("fm", "awr")
 DEVICE_HELP = "auto (CUDA if present) | cpu | cuda | cuda:N."
 
 
@@ -105,7 +105,33 @@ class TrainConfig:
         "auto", help="Starting weights: auto (the store's preset) | preset | released folder | run."
     )
     scope: str = option("all", flag="--train", help="What trains: all (expert + projections) | heads | lora.")
-    objective: str = option("fm", help="Training objective: fm (flow matching to the logged trajectory).")
+    objective: str = option(
+        "fm",
+        help="Training objective: fm (flow matching to the logged trajectory) | awr (fm plus advantage-"
+        "weighted regression towards the best of K sampled trajectories, scored by the rewards).",
+    )
+    # awr (train/awr.py): K draws per sample with the eval sampler, scored; the best one is regressed on.
+    awr_samples: int = option(4, help="awr: trajectories sampled per training sample (K).")
+    awr_sample_steps: int = option(10, help="awr: Euler steps of the sampler.")
+    awr_noise_growth: float = option(
+        0.2, help="awr: initial noise of draw i (0-based) is scaled by 1 + growth * i."
+    )
+    awr_temperature: float = option(1.0, help="awr: weight = exp(advantage / temperature).")
+    awr_max_weight: float = option(20.0, help="awr: the weight is clipped to at most this.")
+    rl_loss_weight: float = option(0.5, help="awr: loss = fm loss + rl_loss_weight * awr loss.")
+    reward_w_safety: float = option(1.5, help="awr: weight of visual safety in the reward.")
+    reward_w_gt: float = option(0.5, help="awr: weight of similarity to the logged trajectory (x trust).")
+    reward_w_reasoning: float = option(0.3, help="awr: weight of reasoning-trajectory agreement.")
+    reward_w_comfort: float = option(0.0, help="awr: weight of ride comfort (jerk, lateral acceleration).")
+    reward_safety_threshold: float = option(
+        0.3, help="awr trust gate: the logged trajectory's visual safety below this (and a danger named)..."
+    )
+    reward_gt_trust_min: float = option(0.1, help="awr trust gate: ...drops its trust to this...")
+    reward_gt_trust_max: float = option(1.0, help="awr trust gate: ...else its trust is this.")
+    reward_gt_scale_m: float = option(1.0, help="awr: gt similarity = exp(-mean XY distance / scale) (m).")
+    reward_danger_keywords: tuple[str, ...] = option(
+        (), help="awr trust gate: words naming a danger (repeatable; default: mud, rock, obstacle, ...)."
+    )
     route_dropout: float = option(
         0.0, help="Share of routed samples trained on their unguided prefix (no route), for guidance."
     )
@@ -183,8 +209,30 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)")
         _check(all(0 <= b < 1 for b in self.betas), "betas must lie in [0, 1)")
         _check(self.gpu_memory_gb > 0, "--gpu-memory-gb must be positive")
+        self._check_awr()
         _check(
             not (self.resume and self.overwrite), "--resume and --overwrite contradict each other: pick one"
+        )
+
+    def _check_awr(self) -> None:
+        _check(self.awr_samples >= 2, "--awr-samples must be at least 2 (AWR compares samples)")
+        _check(self.awr_sample_steps >= 1, "--awr-sample-steps must be at least 1")
+        _check(self.awr_noise_growth >= 0, "--awr-noise-growth must be >= 0")
+        _check(self.awr_temperature > 0, "--awr-temperature must be positive")
+        _check(self.awr_max_weight >= 1, "--awr-max-weight must be at least 1")
+        _check(self.rl_loss_weight >= 0, "--rl-loss-weight must be >= 0")
+        weights = (self.reward_w_safety, self.reward_w_gt, self.reward_w_reasoning, self.reward_w_comfort)
+        _check(min(weights) >= 0, "--reward-w-* weights must be >= 0")
+        _check(sum(weights) > 0, "--reward-w-* weights are all 0: give at least one a positive weight")
+        _check(0 <= self.reward_safety_threshold <= 1, "--reward-safety-threshold must be in [0, 1]")
+        _check(
+            0 <= self.reward_gt_trust_min <= self.reward_gt_trust_max,
+            "--reward-gt-trust-min must be >= 0 and <= --reward-gt-trust-max",
+        )
+        _check(self.reward_gt_scale_m > 0, "--reward-gt-scale-m must be positive (metres)")
+        _check(
+            all(k.replace("-", "").replace(" ", "").isalpha() for k in self.reward_danger_keywords),
+            "--reward-danger-keywords must be words (letters, '-' or spaces)",
         )
 
     @property

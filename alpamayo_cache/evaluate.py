@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from alpamayo_cache import metrics as M
+from alpamayo_cache import reward_metrics as RM
 from alpamayo_cache.config import ModelConfig
 from alpamayo_cache.configs import EvalConfig
 from alpamayo_cache.errors import UserError
@@ -100,12 +101,14 @@ def sample_noise(sample_id: str, seed: int, k: int, w: int) -> torch.Tensor:
 def predict(
     policy, head_cfg: ModelConfig, cfg: EvalConfig, dataset: CachedFeatures, device: str, dtype, label: str
 ) -> dict[str, np.ndarray]:
-    """K trajectories per sample: xyz [n, K, w, 3], rot [n, K, w, 3, 3] in the ego frame at t0."""
+    """K trajectories per sample: xyz [n, K, w, 3], rot [n, K, w, 3, 3] in the ego frame at t0, and the
+    normalised actions [n, K, w, 2] that made them (the rewards read their controls)."""
     policy.to(device=device, dtype=dtype).eval()
     space = UnicycleActionSpace(head_cfg.action_space)
     k, w = cfg.num_samples, head_cfg.n_waypoints
     xyz = np.zeros((len(dataset), k, w, 3), np.float32)
     rot = np.zeros((len(dataset), k, w, 3, 3), np.float32)
+    action = np.zeros((len(dataset), k, w, 2), np.float32)
     batches = epoch_batches(dataset.lengths, cfg.micro_batch, seed=0, epoch=0, shuffle=False)
     for idx in progress(batches, len(batches), f"predict {label}", unit="batches"):
         batch = collate([dataset[i] for i in idx])
@@ -124,7 +127,8 @@ def predict(
         p_xyz, p_rot = space.action_to_traj(actions.reshape(-1, w, 2), hist_xyz, hist_rot)
         xyz[idx] = p_xyz.reshape(len(idx), k, w, 3).numpy()
         rot[idx] = p_rot.reshape(len(idx), k, w, 3, 3).numpy()
-    return {"xyz": xyz, "rot": rot}
+        action[idx] = actions.numpy()
+    return {"xyz": xyz, "rot": rot, "action": action}
 
 
 def _model_name(spec: str, index: int) -> str:
@@ -196,10 +200,11 @@ def _predictions(cfg, models, dataset, out: Path, fingerprint: str, sample_ids, 
     for name, (spec, policy, head_cfg, _) in models.items():
         path = out / "predictions" / f"{model_key(spec, cfg, fingerprint, sample_ids)}.npz"
         if path.is_file():
-            log.info(f"reusing predictions of {name} ({path.name})")
             with np.load(path) as data:
                 predictions[name] = {k: data[k] for k in data.files}
-            continue
+            if "action" in predictions[name]:  # older files lack the actions the rewards read
+                log.info(f"reusing predictions of {name} ({path.name})")
+                continue
         predictions[name] = predict(policy, head_cfg, cfg, dataset, device, dtype, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
@@ -229,8 +234,10 @@ def _evaluate(
         gt_xyz, gt_rot = sample.fut_xyz.numpy(), sample.fut_rot.numpy()
         for name, pred in predictions.items():
             per_sample[name].append(M.sample_metrics(pred["xyz"][i], pred["rot"][i], gt_xyz, gt_rot))
+    RM.add_reward_metrics(reader, sample_ids, truth, predictions, per_sample, space)
     specs = {name: m[0] for name, m in models.items()}
     results = M.summarise(cfg, specs, per_sample, bins, [infos[s].camera_set for s in sample_ids])
+    RM.add_conventions(results)
     results["store"] = {
         "path": str(cfg.store),
         "fingerprint": reader.info.fingerprint,
@@ -250,6 +257,7 @@ def _evaluate(
     from alpamayo_cache import report
 
     report.write(out / "report.md", results, plot_files)
+    RM.append_report(out / "report.md", results)
     created.append(out / "report.md")
     log.info(f"eval report: {out / 'report.md'}")
     results["out_dir"] = str(out)

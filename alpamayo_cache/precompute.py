@@ -3,7 +3,9 @@
 ``run(cfg)`` plans every (clip, keyframe, camera set) sample, prints the plan (samples, bytes, free
 disk) and refuses a plan the disk cannot hold, then runs the VLM once per missing sample and commits
 it. Re-running resumes: committed samples are skipped, half-written ones removed. Writing a sample
-happens on a background thread while the next sample is decoded and encoded.
+happens on a background thread while the next sample is decoded and encoded. Each sample also keeps
+its front-wide camera frame at t0 (store/format.FRONT_IMAGE) and that camera's calibration record, for
+the rewards of reward-weighted fine-tuning and eval.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from alpamayo_cache.config import CAMERA_IDS, ModelConfig, resolve_model
 from alpamayo_cache.configs import SYNTHETIC, PrecomputeConfig
+from alpamayo_cache.data.camera_model import FRONT_CAMERA, CameraView
 from alpamayo_cache.data.routes import SYNTHETIC_ROUTES, read_routes, routes_digest
 from alpamayo_cache.data.samples import (
     Sample,
@@ -294,7 +297,27 @@ def _store_info(
         ),
         created_by=versions(device),
         inputs=inputs,
+        front_image_hw=list(F.FRONT_IMAGE_SIZE),
     )
+
+
+def front_camera_record(source: ClipSource, clip_id: str) -> dict | None:
+    """The front-wide camera's CameraView record for the stored front image; None when the clip has no
+    (usable) calibration for it, and the rewards then treat its images as unknown."""
+    try:
+        calibration = source.calibration(clip_id)
+        if calibration is None or FRONT_CAMERA not in calibration.cameras:
+            return None
+        view = CameraView.from_calibration(
+            calibration.intrinsics[FRONT_CAMERA],
+            calibration.extrinsics[FRONT_CAMERA],
+            F.FRONT_IMAGE_SIZE,
+            FRONT_CAMERA,
+        )
+    except Exception as exc:  # a damaged calibration costs the rewards their image, not the sample
+        log.warning(f"clip {clip_id}: front camera calibration unusable, stored as absent ({exc})")
+        return None
+    return view.to_dict()
 
 
 def _encode_all(
@@ -305,10 +328,13 @@ def _encode_all(
     pending: Future | None = None
     provenance = {**versions(device), "rank": writer.rank, "data": plan.source.description}
     space = UnicycleActionSpace(plan.model.action_space)
+    front_cameras: dict[str, dict | None] = {}  # front camera record per clip (keyframes share it)
     with ThreadPoolExecutor(max_workers=1) as pool:  # one write in flight overlaps the next forward
         for spec in progress(plan.todo, len(plan.todo), "precompute"):
             try:
-                sample = load_sample(plan.source, spec, plan.model, max_gap_s=cfg.max_ego_gap_s)
+                sample = load_sample(
+                    plan.source, spec, plan.model, max_gap_s=cfg.max_ego_gap_s, front_hw=F.FRONT_IMAGE_SIZE
+                )
                 cameras = camera_set(spec.camera_set, plan.model.cameras).cameras
                 route = plan.routes.get(spec.clip_id)
                 seed = cfg.seed * 1_000_003 + int(hashlib.sha256(spec.sample_id.encode()).hexdigest()[:8], 16)
@@ -322,11 +348,14 @@ def _encode_all(
                     route=route,
                 )
                 arrays = sample_arrays(sample, enc, space, plan.kv_dtype)
+                if spec.clip_id not in front_cameras:
+                    front_cameras[spec.clip_id] = front_camera_record(plan.source, spec.clip_id)
             except BadClip as exc:
                 failures[spec.sample_id] = str(exc)
                 writer.record_failure(spec.sample_id, str(exc))
                 continue
-            info = _sample_info(spec, cameras, enc, route, provenance)
+            front = front_cameras[spec.clip_id] if sample.front is not None else None
+            info = _sample_info(spec, cameras, enc, route, provenance, front)
             if pending is not None:
                 pending.result()
                 written += 1
@@ -337,8 +366,11 @@ def _encode_all(
     return written, failures
 
 
-def _sample_info(spec: SampleSpec, cameras, enc, route: str | None, provenance: dict) -> F.SampleInfo:
-    """The sample's attributes: where it comes from, its prefix, its route (with/without)."""
+def _sample_info(
+    spec: SampleSpec, cameras, enc, route: str | None, provenance: dict, front_camera: dict | None
+) -> F.SampleInfo:
+    """The sample's attributes: where it comes from, its prefix, its route (with/without), the front
+    camera record of its front image (None without calibration)."""
     routed = enc.uncond is not None
     writer = dict(provenance)
     if routed:  # the shared tokens' K/V, guided vs unguided prefill (0.0 in fp32 on CPU)
@@ -356,6 +388,7 @@ def _sample_info(spec: SampleSpec, cameras, enc, route: str | None, provenance: 
         rope_delta=enc.rope_delta,
         reasoning=enc.reasoning,
         writer=writer,
+        front_camera=front_camera,
         has_route=routed,
         route=route or "",
         route_start=enc.route_start if routed else -1,
@@ -389,6 +422,10 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
         F.FUT_ROT: sample.fut_rot,
         F.ACTION: action.numpy().astype(np.float32),
         F.THUMBS: resize_frames(np.ascontiguousarray(sample.images[:, -1]), F.THUMB_SIZE),
+        # black when the clip has no readable front camera (its camera record is then None)
+        F.FRONT_IMAGE: sample.front
+        if sample.front is not None
+        else np.zeros((*F.FRONT_IMAGE_SIZE, 3), np.uint8),
     }
     if scale is not None:
         arrays[F.KV_SCALE] = scale

@@ -112,6 +112,7 @@ def test_eval_writes_report_and_reuses_predictions(tiny_store, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["overall"]) == {"baseline", "ft"} and "min_ade" in saved["paired"]["ft"]
     assert "K=3" in saved["conventions"]["samples"]
+    assert 0.0 <= saved["overall"]["ft"]["reward/gt_is_best"] <= 1.0  # reward metrics (issue 16)
     preds = sorted((out / "predictions").glob("*.npz"))
     assert len(preds) == 2
     stamps = [p.stat().st_mtime_ns for p in preds]
@@ -120,3 +121,4 @@ def test_eval_writes_report_and_reuses_predictions(tiny_store, tmp_path):
     assert again["overall"] == results["overall"]
     report = (out / "report.md").read_text()
     assert "## Paired: ft - baseline" in report and "best-of-K chosen by full 6.4 s" in report
+    assert "## Rewards" in report and "| gt_is_best |" in report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from alpamayo_cache.model.expert import Prefix
 from alpamayo_cache.model.head import init_head
 from alpamayo_cache.model.vlm import FrozenVLM, stack_prefixes
 from alpamayo_cache.precompute import run
+from alpamayo_cache.runtime import human_bytes
 from alpamayo_cache.store import format as L
 from alpamayo_cache.store.dataset import collate
 from alpamayo_cache.store.reader import CorruptSample, StoreReader
@@ -169,10 +171,13 @@ def test_plan_refuses_a_disk_too_small(synthetic_data, tmp_path, monkeypatch):
     monkeypatch.setattr(
         shutil_mod, "disk_usage", lambda path: shutil_mod._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
     )
-    with pytest.raises(UserError, match="needs 1.64 MB but .* has 1 KB free"):
-        run(precompute_cfg(synthetic_data, tmp_path / "store"))
+    # The figure depends on the filesystem's block size (the plan counts allocated blocks), so the
+    # refusal is checked against the dry run's own estimate; D11 checks the estimate against real bytes.
     dry = run(precompute_cfg(synthetic_data, tmp_path / "store", dry_run=True))
     assert dry.planned == 9 and dry.expected_bytes > 1000 and not (tmp_path / "store").exists()
+    needs = re.escape(human_bytes(dry.expected_bytes))
+    with pytest.raises(UserError, match=f"needs {needs} but .* has 1 KB free"):
+        run(precompute_cfg(synthetic_data, tmp_path / "store"))
 
 
 def test_fp8_halves_bytes_and_stays_close(synthetic_data, tiny_store, tmp_path):
@@ -230,7 +235,7 @@ def assert_same_features(a: Path, b: Path) -> None:
     ra, rb = StoreReader(a), StoreReader(b)
     assert sorted(ra.sample_infos()) == sorted(rb.sample_infos())
     for sid in ra.sample_infos():
-        for name in (L.KV, L.HIDDEN, L.ACTION, L.FUT_XYZ, L.THUMBS):
+        for name in (L.KV, L.HIDDEN, L.ACTION, L.FUT_XYZ, L.THUMBS, L.FRONT_IMAGE):
             x = zarr.open_group(str(a / L.SAMPLES_DIR / sid), mode="r")[name][...]
             y = zarr.open_group(str(b / L.SAMPLES_DIR / sid), mode="r")[name][...]
             assert np.array_equal(x, y), (sid, name)

@@ -3,7 +3,10 @@
 A sample is one keyframe t0 of one clip under one camera configuration:
 - images: uint8 [cameras, frames, H, W, 3] at t0 - 0.3, -0.2, -0.1, 0 s (camera-major);
 - ego history (16 poses ending at t0) and future (64 poses, 0.1 .. 6.4 s), in the ego frame at t0:
-  x forward, y left, z up, metres.
+  x forward, y left, z up, metres;
+- on request, the front-wide camera's frame at t0 resized from the decoded native frame (the rewards
+  of reward-weighted fine-tuning look at it; it is decoded even when the camera set masks that camera,
+  since it scores the scene, not what the model saw).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alpamayo_cache.config import ALL_CAMERAS, CAMERA_IDS, ModelConfig
+from alpamayo_cache.data.camera_model import FRONT_CAMERA
 from alpamayo_cache.data.ego_frame import ego_frame_trajectory
 from alpamayo_cache.data.source import BadClip, ClipSource
 from alpamayo_cache.errors import UserError
@@ -116,6 +120,7 @@ class Sample:
     hist_rot: np.ndarray  # float32 [16, 3, 3]
     fut_xyz: np.ndarray  # float32 [64, 3]
     fut_rot: np.ndarray  # float32 [64, 3, 3]
+    front: np.ndarray | None = None  # uint8 [h, w, 3] front-wide camera at t0 (when asked for and readable)
 
 
 def valid_t0_range(ego, cfg: ModelConfig) -> tuple[int, int]:
@@ -211,9 +216,16 @@ def check_egomotion_gaps(ego, t0_us: int, cfg: ModelConfig, max_gap_s: float) ->
 
 
 def load_sample(
-    source: ClipSource, spec: SampleSpec, cfg: ModelConfig, ego=None, max_gap_s: float = 0.35
+    source: ClipSource,
+    spec: SampleSpec,
+    cfg: ModelConfig,
+    ego=None,
+    max_gap_s: float = 0.35,
+    front_hw: tuple[int, int] | None = None,
 ) -> Sample:
-    """Decode one sample; any problem with the clip raises BadClip with the reason."""
+    """Decode one sample; any problem with the clip raises BadClip with the reason. ``front_hw``:
+    also keep the front-wide camera's frame at t0 at that size (None if that camera cannot be read
+    while the prompt does not need it)."""
     cams = camera_set(spec.camera_set, cfg.cameras)
     ego = ego if ego is not None else read_egomotion(source, spec.clip_id)
     first, last = valid_t0_range(ego, cfg)
@@ -228,6 +240,7 @@ def load_sample(
     frame_t = spec.t0_us - STEP_US * np.arange(cfg.frames_per_camera - 1, -1, -1, dtype=np.int64)
     h, w = cfg.image_size
     images = np.zeros((len(cams.cameras), cfg.frames_per_camera, h, w, 3), dtype=np.uint8)
+    front = None
     for i, cam in enumerate(cams.cameras):
         if cam in cams.masked:
             continue  # black frames: the camera is deliberately hidden from the model
@@ -239,7 +252,23 @@ def load_sample(
         except Exception as exc:  # the video decoder's errors vary (InvalidData, EOF, ValueError)
             raise BadClip(f"unreadable video {cam}: {type(exc).__name__}: {str(exc)[:80]}") from exc
         images[i] = resize_frames(frames, (h, w))
-    return Sample(spec, images, hist_xyz, hist_rot, fut_xyz, fut_rot)
+        if cam == FRONT_CAMERA and front_hw is not None:
+            front = resize_frames(frames[-1:], front_hw)[0]  # the same decoded frame at t0
+    if front_hw is not None and front is None:
+        front = _front_frame(source, spec, frame_t[-1:], front_hw)
+    return Sample(spec, images, hist_xyz, hist_rot, fut_xyz, fut_rot, front)
+
+
+def _front_frame(
+    source: ClipSource, spec: SampleSpec, t0: np.ndarray, size: tuple[int, int]
+) -> np.ndarray | None:
+    """The front-wide frame at t0 when the prompt did not decode it (masked or not shown); None when
+    the clip has no readable front camera: the rewards then score it as unknown."""
+    try:
+        frames, _ = source.camera(spec.clip_id, FRONT_CAMERA).decode_images_from_timestamps(t0)
+        return resize_frames(frames[-1:], size)[0]
+    except Exception:  # a missing or broken camera the prompt does not need is not a bad clip
+        return None
 
 
 def plan_samples(

@@ -10,22 +10,27 @@ the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from alpamayo_cache.errors import UserError
+from alpamayo_cache.store.format import SampleInfo
 from alpamayo_cache.store.reader import CachedSample, StoreReader
 
 
 class CachedFeatures(Dataset):
-    """Item = one committed sample (K/V, rope delta, ground truth). Opens the store lazily per worker."""
+    """Item = one committed sample (K/V, rope delta, ground truth; with ``front``, its front-camera
+    image for the rewards). Opens the store lazily per worker."""
 
-    def __init__(self, root: Path, sample_ids: list[str], reader: StoreReader | None = None) -> None:
+    def __init__(
+        self, root: Path, sample_ids: list[str], reader: StoreReader | None = None, front: bool = False
+    ) -> None:
         self.root = Path(root)
         self.sample_ids = list(sample_ids)
+        self.front = front
         self._reader = reader
         reader = reader or StoreReader(self.root)
         self.lengths = [reader.sample_info(s).length for s in self.sample_ids]
@@ -36,7 +41,7 @@ class CachedFeatures(Dataset):
     def __getitem__(self, index: int) -> CachedSample:
         if self._reader is None:  # one reader per DataLoader worker process
             self._reader = StoreReader(self.root)
-        return self._reader.read(self.sample_ids[index])
+        return self._reader.read(self.sample_ids[index], front=self.front)
 
 
 def epoch_batches(
@@ -79,6 +84,8 @@ class Batch:
     keys, values: [l, b, h, t, d] (t = longest prefix; shorter ones right-padded with zeros)
     kv_scale:     [b, l, 2] fp32 dequantisation scales (fp8 stores) or None
     rope_deltas, lengths: [b]; hidden [b, D]; action [b, w, 2]; trajectories in the ego frame at t0.
+    front_image:  uint8 [b, H, W, 3] front-camera images (read for the rewards only) or None
+    infos:        the samples' attributes (reasoning text, front camera record, ...)
     """
 
     sample_ids: list[str]
@@ -95,6 +102,8 @@ class Batch:
     fut_rot: torch.Tensor
     key_mask: torch.Tensor | None = None  # [b, t] bool, left padding only (False = pad)
     uncond: list[UncondSuffix | None] | None = None  # per sample; None when no sample has a route
+    front_image: torch.Tensor | None = None
+    infos: list[SampleInfo] = field(default_factory=list)
 
     def pin_memory(self) -> Batch:
         for f in fields(self):
@@ -137,6 +146,7 @@ def collate(samples: list[CachedSample], pad_side: str = "right") -> Batch:
     pads = longest - real if left else torch.zeros_like(real)
     scales = [s.kv_scale for s in samples]
     uncond = [_uncond(s) for s in samples]
+    fronts = [s.front_image for s in samples]
     return Batch(
         sample_ids=[s.info.sample_id for s in samples],
         keys=_padded([s.keys for s in samples], longest, left),
@@ -152,6 +162,8 @@ def collate(samples: list[CachedSample], pad_side: str = "right") -> Batch:
         fut_rot=torch.stack([s.fut_rot for s in samples]),
         key_mask=(torch.arange(longest)[None, :] >= pads[:, None]) if left else None,
         uncond=uncond if any(u is not None for u in uncond) else None,
+        front_image=torch.stack(fronts) if all(f is not None for f in fronts) else None,  # type: ignore[arg-type]
+        infos=[s.info for s in samples],
     )
 
 

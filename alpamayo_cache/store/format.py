@@ -13,6 +13,8 @@
     hidden    [D]              VLM last hidden state (after the final norm) at <|traj_future_start|>
     hist_xyz [16,3] hist_rot [16,3,3] fut_xyz [64,3] fut_rot [64,3,3] action [64,2]   float32, ego frame
     thumbs    [c, 48, 80, 3]   uint8 camera thumbnails (last frame of each camera) for plots
+    front_image [180, 320, 3]  uint8 front-wide camera at t0 (rewards' visual safety); its camera record
+                               (data/camera_model.CameraView.to_dict, or None) is the attr front_camera
   staging/rank-<r>/<id>/       samples being written; renamed into samples/ when complete
   quarantine/<id>/             damaged samples moved aside by `repair` (re-made by the next precompute)
   failures/rank-<r>.jsonl      clips/samples that could not be made, with the reason
@@ -60,6 +62,11 @@ FUT_ROT = "fut_rot"
 ACTION = "action"
 THUMBS = "thumbs"
 THUMB_SIZE = (48, 80)
+# The front-wide camera's last frame (the one the prompt shows at t0), resized from the decoded native
+# frame for the rewards of reward-weighted fine-tuning (issue 16): enough pixels for a corridor's texture
+# and colour, 173 KB per sample (0.04% of a real-size bf16 sample). Read only when asked (awr, eval).
+FRONT_IMAGE = "front_image"
+FRONT_IMAGE_SIZE = (180, 320)
 TRUTH_ARRAYS = (HIST_XYZ, HIST_ROT, FUT_XYZ, FUT_ROT, ACTION)
 KV_ITEMSIZE = {"bf16": 2, "fp32": 4, "fp8": 1}
 
@@ -102,6 +109,7 @@ class StoreInfo:
     attn_implementation: str
     fingerprint: str = ""
     created_by: dict[str, str] = field(default_factory=dict)
+    front_image_hw: list[int] | None = None  # [H, W] of every sample's front_image; None: not stored
 
     # What else shaped the features: the routes' digest (None: no routes). Empty for R1 stores.
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +133,7 @@ class StoreInfo:
             "prompt": prompt_mode,
             "kv_dtype": kv_dtype,
             "compute_dtype": compute_dtype,
+            "front_image": list(FRONT_IMAGE_SIZE),  # what precompute stores for the rewards
         }
         if inputs:
             payload["inputs"] = inputs
@@ -160,6 +169,7 @@ class SampleInfo:
     route_start: int = -1
     uncond_length: int = 0
     uncond_rope_delta: int = 0
+    front_camera: dict[str, Any] | None = None  # CameraView record of front_image; None: no calibration
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -278,6 +288,7 @@ def sample_bytes(
     kv_chunk = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype) // layers * length + crc
     arrays = [hidden * 4, 16 * 3 * 4, 16 * 9 * 4, 64 * 3 * 4, 64 * 9 * 4, 64 * 2 * 4]
     arrays.append(cameras * THUMB_SIZE[0] * THUMB_SIZE[1] * 3)
+    arrays.append(FRONT_IMAGE_SIZE[0] * FRONT_IMAGE_SIZE[1] * 3)
     if kv_dtype == "fp8":
         arrays.append(layers * 2 * 4)
     n_arrays = len(arrays) + 1  # + kv

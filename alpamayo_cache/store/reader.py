@@ -5,6 +5,7 @@ or fp8 e4m3 with its scales: dequantisation happens on the compute device, in th
 ground truth. Corrupt bytes fail the crc32c check; a missing chunk (zarr would return zeros) is
 caught by counting initialised chunks. Either raises ``CorruptSample`` naming the sample.
 The training hot loop reads whole batches through ``store.fast_read`` instead (same bytes).
+The front-camera image (rewards) is read only when asked: ``read(sample_id, front=True)``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class CachedSample:
     # Routed samples: the unguided prefix's K/V from info.route_start on, [l, h, S, d] (stored precision).
     uncond_keys: torch.Tensor | None = None
     uncond_values: torch.Tensor | None = None
+    front_image: torch.Tensor | None = None  # uint8 [H, W, 3] when read with front=True and stored
 
 
 def kv_tensor(bits: np.ndarray, kv_dtype: str) -> torch.Tensor:
@@ -124,11 +126,19 @@ class StoreReader:
                 f"run `alpamayo-cache repair {self.root}` and re-run precompute"
             ) from exc
 
-    def read(self, sample_id: str) -> CachedSample:
+    @property
+    def has_front_images(self) -> bool:
+        """Whether every sample holds a front-camera image (stores made before issue 16 do not)."""
+        return self.info.front_image_hw is not None
+
+    def read(self, sample_id: str, front: bool = False) -> CachedSample:
+        """One sample; ``front`` adds its front-camera image (None if the store has none)."""
         info = self.sample_info(sample_id)
         names = [F.KV, F.HIDDEN, *F.TRUTH_ARRAYS]
         if self.info.kv_dtype == "fp8":
             names.append(F.KV_SCALE)
+        if front and self.has_front_images:
+            names.append(F.FRONT_IMAGE)
         if info.route_start >= 0:  # a few dozen tokens: always read with the sample
             names.append(F.KV_UNCOND)
         arrays = self.arrays(sample_id, names)
@@ -161,7 +171,14 @@ class StoreReader:
             action=t(F.ACTION),
             uncond_keys=None if uncond is None else uncond[:, 0],
             uncond_values=None if uncond is None else uncond[:, 1],
+            front_image=t(F.FRONT_IMAGE) if F.FRONT_IMAGE in arrays else None,
         )
 
     def thumbnails(self, sample_id: str) -> np.ndarray:
         return self.arrays(sample_id, [F.THUMBS])[F.THUMBS]
+
+    def front_image(self, sample_id: str) -> np.ndarray | None:
+        """The sample's front-camera image, uint8 [H, W, 3] (None if the store has none)."""
+        if not self.has_front_images:
+            return None
+        return self.arrays(sample_id, [F.FRONT_IMAGE])[F.FRONT_IMAGE]

@@ -40,6 +40,7 @@ def _check_sample(reader: StoreReader, sample_id: str, text_cfg: dict) -> F.Samp
         if not torch.isfinite(getattr(s, name).float()).all():
             raise UserError(f"kv {name} have non-finite values")
     reader.thumbnails(sample_id)
+    reader.front_image(sample_id)
     return s.info
 
 

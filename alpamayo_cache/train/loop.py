@@ -26,7 +26,7 @@ from alpamayo_cache.store.dataset import CachedFeatures
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.train import checkpoints as C
 from alpamayo_cache.train.feed import batch_stream, noise_generator
-from alpamayo_cache.train.objectives import make_objective
+from alpamayo_cache.train.objectives import check_store, make_objective
 from alpamayo_cache.train.plan import GIB, plan_for
 from alpamayo_cache.train.setup import Setup, build, check_init, choose_device, export_head, select_samples
 from alpamayo_cache.train.validation import validation_loss
@@ -100,6 +100,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     store_cfg = ModelConfig.from_dict(reader.info.model_config)
     train_ids, val_ids = select_samples(reader, cfg)
     check_init(cfg, reader, store_cfg)
+    check_store(cfg, reader)
     device, optimizer_name, checkpointing = choose_device(cfg)
     plan_check(cfg, reader, store_cfg, train_ids, device, optimizer_name, checkpointing)
     if cfg.dry_run:
@@ -158,10 +159,11 @@ def _train(
     log.info(
         f"training {sum(p.numel() for p in setup.params):,} parameters ({cfg.scope}) from {setup.described} on {setup.device}"
     )
-    dataset = CachedFeatures(cfg.store, train_ids, reader)
+    objective = make_objective(cfg)
+    front = getattr(objective, "reads_front", False)  # the rewards' images: read only when needed
+    dataset = CachedFeatures(cfg.store, train_ids, reader, front=front)
     val_set = CachedFeatures(cfg.store, val_ids, reader) if (val_ids and rank == 0) else None
     batches = batch_stream(dataset, cfg, state, rank, world, pin=setup.device.startswith("cuda"))
-    objective = make_objective(cfg)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     result = TrainResult(run_dir, [], [], None, state.step)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, state.step + cfg.stop_after)

@@ -2,6 +2,9 @@
 extra numbers it returns next to the loss.
 
 - ``fm``: flow matching towards the logged trajectory (the release's training objective).
+- ``awr``: fm plus advantage-weighted regression towards the best of K own samples (train/awr.py).
+
+An objective with ``reads_front = True`` gets the front-camera images in its batches.
 """
 
 from __future__ import annotations
@@ -38,4 +41,17 @@ class FlowMatching:
 def make_objective(cfg: TrainConfig) -> Objective:
     if cfg.objective == "fm":
         return FlowMatching()
+    if cfg.objective == "awr":
+        from alpamayo_cache.train.awr import RewardWeighted
+
+        return RewardWeighted(cfg)
     raise UserError(f"unknown --objective {cfg.objective!r}")
+
+
+def check_store(cfg: TrainConfig, reader) -> None:
+    """Refuse, before any work, a store the objective cannot train on."""
+    if cfg.objective == "awr" and cfg.reward_w_safety > 0 and not reader.has_front_images:
+        raise UserError(
+            f"--objective awr scores visual safety on front-camera images, and {cfg.store} has none (made "
+            "before they were stored): precompute a new store, or pass --reward-w-safety 0"
+        )

@@ -14,7 +14,17 @@ Terms (bytes):
   concatenated [prefix ; action] K and V (2 x h x (L + w) x d), plus the w-token hidden states and
   MLP intermediates. With gradient checkpointing only each layer's input is kept, plus one layer
   being recomputed;
-- overhead: CUDA context and allocator fragmentation (a fixed 1.0 GiB, measured order of magnitude).
+- overhead: CUDA context and allocator fragmentation (a fixed 1.0 GiB, measured order of magnitude);
+- sampling (``--objective awr``): the no-grad draw of K trajectories before the training forward, K x w
+  action tokens folded into one sequence over the one cached prefix, Euler steps one after another, so
+  only one layer's working set is alive at a time: the concatenated [prefix ; K w tokens] K and V, their
+  copies repeated to the query heads (transformers' SDPA path with a mask does that for GQA), the
+  attention scores [h_q, K w, L + K w] in fp32 (the math kernel, the worst case), the K w tokens'
+  hidden/q/k/v/o and MLP intermediates, and a dequantised copy of the layer's prefix K/V when the store
+  is fp8. Counted on top of the activations although they are freed in between (conservative).
+The awr training forward folds two draws (logged target, best sample): activations count 2 w tokens,
+and under the draws' block mask each kept layer also holds K/V repeated to the query heads and the fp32
+attention weights.
 """
 
 from __future__ import annotations
@@ -70,15 +80,18 @@ class MemoryPlan:
     kv_batch: int
     activations: int
     overhead: int
+    sampling: int = 0  # awr: the no-grad K-trajectory draw (module docstring)
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.kv_batch + self.activations + self.overhead
+        parts = (self.weights, self.grads, self.optimizer, self.kv_batch, self.activations, self.overhead)
+        return sum(parts) + self.sampling
 
     def table(self) -> str:
         rows = [
             (k, getattr(self, k))
-            for k in ("weights", "grads", "optimizer", "kv_batch", "activations", "overhead")
+            for k in ("weights", "grads", "optimizer", "kv_batch", "activations", "sampling", "overhead")
+            if k != "sampling" or self.sampling
         ]
         rows.append(("total", self.total))
         return "\n".join(f"  {name:<12} {human_bytes(value):>10}" for name, value in rows)
@@ -95,7 +108,11 @@ def plan(
     lora_rank: int = 16,
     cuda: bool = True,
     kv_itemsize: int = 2,
+    draws: int = 1,
+    sample_draws: int = 0,
 ) -> MemoryPlan:
+    """Memory of one step. ``draws``: flow-matching draws folded into the training forward;
+    ``sample_draws``: trajectories sampled (no grad) per sample before it (awr's K; 0 for fm)."""
     counts = head_parameter_count(cfg)
     total_params = sum(counts.values())
     if scope == "all":
@@ -116,7 +133,7 @@ def plan(
     optim = trainable * optimizer_bytes
 
     e, t = cfg.expert, cfg.text
-    w = cfg.n_waypoints
+    w = cfg.n_waypoints * draws  # action tokens of the training forward
     act_bytes = 2 if param_bytes == 2 else 4
     kv_batch = micro_batch * prefix_len * t.num_layers * 2 * t.num_kv_heads * t.head_dim * kv_itemsize
     hidden = micro_batch * w * e.hidden_size * act_bytes
@@ -127,12 +144,35 @@ def plan(
     )
     mlp = micro_batch * w * 3 * e.intermediate_size * act_bytes
     per_layer = concat_kv + attn_small + mlp + 4 * hidden
+    if draws > 1:  # a block mask: SDPA gets K/V repeated to the query heads and keeps fp32 weights
+        per_layer += 2 * micro_batch * e.num_heads * (prefix_len + w) * e.head_dim * act_bytes
+        per_layer += micro_batch * e.num_heads * w * (prefix_len + w) * 4
     # Even with a frozen expert ("heads"), gradients reach action_in_proj through every expert layer.
     if checkpointing:
         activations = cfg.expert_layers * hidden + per_layer
     else:
         activations = cfg.expert_layers * per_layer
-    return MemoryPlan(weights, grads, optim, kv_batch, activations, CUDA_OVERHEAD if cuda else 0)
+    sampling = sampling_bytes(cfg, prefix_len, micro_batch, sample_draws, act_bytes, kv_itemsize)
+    return MemoryPlan(weights, grads, optim, kv_batch, activations, CUDA_OVERHEAD if cuda else 0, sampling)
+
+
+def sampling_bytes(
+    cfg: ModelConfig, prefix_len: int, micro_batch: int, draws: int, act_bytes: int, kv_itemsize: int
+) -> int:
+    """Peak of the no-grad draw of ``draws`` trajectories per sample (one layer alive; docstring)."""
+    if draws <= 0:
+        return 0
+    e, t = cfg.expert, cfg.text
+    b, n, span = micro_batch, draws * cfg.n_waypoints, prefix_len + draws * cfg.n_waypoints
+    concat_kv = 2 * b * t.num_kv_heads * span * t.head_dim * act_bytes
+    repeated_kv = 2 * b * e.num_heads * span * e.head_dim * act_bytes
+    scores = b * e.num_heads * n * span * 4
+    tokens = b * n * (4 * e.hidden_size + (2 * e.num_heads + 2 * t.num_kv_heads) * e.head_dim) * act_bytes
+    mlp = b * n * 3 * e.intermediate_size * act_bytes
+    dequantised = (
+        2 * b * t.num_kv_heads * prefix_len * t.head_dim * act_bytes if kv_itemsize != act_bytes else 0
+    )
+    return concat_kv + repeated_kv + scores + tokens + mlp + dequantised
 
 
 @dataclass(frozen=True)
@@ -172,9 +212,11 @@ def plan_for(
     cuda = device.startswith("cuda")
     param_bytes = 2 if cuda or train_cfg.dtype == "bf16" else 4
     kv_itemsize = {"bf16": 2, "fp32": 4, "fp8": 1}.get(kv_dtype, 2)
+    awr = getattr(train_cfg, "objective", "fm") == "awr"  # + the logged target and K sampled draws
     mem = plan(
         model, prefix_len, train_cfg.micro_batch, train_cfg.scope, optimizer, checkpointing,
         param_bytes=param_bytes, lora_rank=train_cfg.lora_rank, cuda=cuda, kv_itemsize=kv_itemsize,
+        draws=2 if awr else 1, sample_draws=train_cfg.awr_samples if awr else 0,
     )  # fmt: skip
     counts = head_parameter_count(model)
     groups = {"all": sum(counts.values()), "heads": counts["action_in_proj"] + counts["action_out_proj"]}
@@ -186,5 +228,6 @@ def plan_for(
     summary = (
         f"{model.name}, L={prefix_len}, micro-batch {train_cfg.micro_batch}, {train_cfg.scope}, {optimizer}, "
         f"checkpointing {'on' if checkpointing else 'off'}, K/V {kv_dtype}"
+        + (f", awr K={train_cfg.awr_samples}" if awr else "")
     )
     return TrainPlan(mem, one, one * (train_cfg.keep_checkpoints + 2), "GPU" if cuda else "CPU RAM", summary)
