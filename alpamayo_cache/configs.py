@@ -15,7 +15,7 @@ from alpamayo_cache.options import option
 
 SYNTHETIC = "synthetic"
 PROMPT_MODES = ("traj-only", "reasoning")
-KV_DTYPES = ("bf16", "fp32", "fp8")
+KV_DTYPES = ("bf16", "fp32", "fp8", "int8", "int4")
 SCOPES = ("all", "heads", "lora")
 OBJECTIVES = ("fm",)
 DEVICE_HELP = "auto (CUDA if present) | cpu | cuda | cuda:N."
@@ -51,7 +51,8 @@ class PrecomputeConfig:
     limit: int | None = option(None, help="Only the first N clips (pilot runs).")
     val_percent: int = option(10, help="Share of clips (by a hash of the clip id) held out as 'val'.")
     kv_dtype: str = option(
-        "auto", help="K/V precision on disk: auto (the compute dtype) | bf16 | fp32 | fp8."
+        "auto",
+        help="K/V precision on disk: auto (the compute dtype) | bf16 | fp32 | fp8 | int8 | int4 (--dry-run compares sizes).",
     )
     device: str = option("auto", help=DEVICE_HELP)
     dtype: str = option("auto", help="VLM compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32.")

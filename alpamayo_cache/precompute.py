@@ -43,6 +43,7 @@ from alpamayo_cache.runtime import (
     versions,
 )
 from alpamayo_cache.store import format as F
+from alpamayo_cache.store.quant import default_group
 from alpamayo_cache.store.writer import StoreWriter
 
 __all__ = ["PrecomputeConfig", "PrecomputeResult", "SYNTHETIC", "run"]
@@ -68,6 +69,7 @@ class Plan:
     clip_failures: list[tuple[str, str]]
     todo: list[SampleSpec]
     bytes_per_sample: dict[str, int]  # by camera set
+    prefix_lengths: dict[str, int]  # L by camera set (traj-only: exact; reasoning: its minimum)
     kv_dtype: str
     rank: int
     world: int
@@ -145,9 +147,12 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
         model, cfg.tokenizer or (Path(cfg.model) if Path(cfg.model).is_dir() else None)
     )
     t = model.text
+    lengths = {
+        name: expected_prefix_length(model, name, cfg.prompt_mode, tokenizer) for name in cfg.camera_sets
+    }
     per_sample = {
         name: F.sample_bytes(
-            expected_prefix_length(model, name, cfg.prompt_mode, tokenizer),
+            lengths[name],
             t.num_layers,
             t.num_kv_heads,
             t.head_dim,
@@ -159,7 +164,25 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
     }
     committed = set(F.committed_samples(cfg.store)) if Path(cfg.store).is_dir() else set()
     todo = [s for s in specs if s.sample_id not in committed]
-    return Plan(model, source, clips, specs, clip_failures, todo, per_sample, kv_dtype, rank, world)
+    return Plan(model, source, clips, specs, clip_failures, todo, per_sample, lengths, kv_dtype, rank, world)
+
+
+def kv_options_table(cfg: PrecomputeConfig, plan: Plan, model: ModelConfig, chosen: str, todo: int) -> str:
+    """Bytes per sample and for the plan's samples under every --kv-dtype (quantisation error measured on
+    synthetic real-size K/V, store/quant.py)."""
+    error = {"bf16": "bf16 rounding", "fp32": "none", "fp8": "~2.7%", "int8": "~0.8%", "int4": "~7.8%"}
+    t = model.text
+    length = plan.prefix_lengths[cfg.camera_sets[0]]
+    cameras = len(camera_set(cfg.camera_sets[0], model.cameras).cameras)
+    rows = ["K/V options (camera set " + cfg.camera_sets[0] + f", L={length}):"]
+    for dtype in F.KV_ITEMSIZE:
+        one = F.sample_bytes(length, t.num_layers, t.num_kv_heads, t.head_dim, dtype, t.hidden_size, cameras)
+        mark = "  <- this run" if dtype == chosen else ""
+        rows.append(
+            f"  {dtype:<5} {human_bytes(one):>10} per sample, {human_bytes(one * todo):>10} for {todo} "
+            f"(relative error {error[dtype]}){mark}"
+        )
+    return "\n".join(rows)
 
 
 def _free_disk(store: Path) -> tuple[Path, int]:
@@ -192,6 +215,7 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
         f"source: {plan.source.description}"
     )
     if cfg.dry_run:
+        log.info(kv_options_table(cfg, plan, model, kv_dtype, len(plan.todo)))
         result.failed = dict(plan.clip_failures)
         return result
     if result.expected_bytes > cfg.disk_margin * free:
@@ -223,6 +247,7 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
 def _store_info(
     cfg: PrecomputeConfig, model: ModelConfig, vlm, kv_dtype: str, dtype, device: str
 ) -> F.StoreInfo:
+    group = default_group(kv_dtype, model.text.head_dim)
     return F.StoreInfo(
         layout_version=F.LAYOUT_VERSION,
         model_name=model.name,
@@ -233,9 +258,10 @@ def _store_info(
         compute_dtype=dtype_name(dtype),
         attn_implementation=vlm.model.config._attn_implementation,
         fingerprint=F.StoreInfo.compute_fingerprint(
-            vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype)
+            vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype), group
         ),
         created_by=versions(device),
+        kv_group=group,
     )
 
 
@@ -292,14 +318,17 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
     for name, value in (("kv", kv), ("hidden", enc.hidden)):
         if not bool(torch.isfinite(value).all()):
             raise BadClip(f"non-finite features: the VLM produced NaN/Inf in {name}")
-    bits, scale = F.encode_kv(kv, kv_dtype)
+    group = default_group(kv_dtype, kv.shape[-1])
+    kv_arrays = F.encode_kv_arrays(
+        kv, kv_dtype, group
+    )  # on the VLM's device; only the encoded bytes cross over
     hist_xyz, hist_rot = torch.from_numpy(sample.hist_xyz), torch.from_numpy(sample.hist_rot)
     fut_xyz, fut_rot = torch.from_numpy(sample.fut_xyz), torch.from_numpy(sample.fut_rot)
     action = space.traj_to_action(hist_xyz, hist_rot, fut_xyz, fut_rot)
     if not bool(torch.isfinite(action).all()):
         raise BadClip("bad egomotion: the trajectory gives non-finite actions")
     arrays = {
-        F.KV: bits,
+        **kv_arrays,
         F.HIDDEN: enc.hidden.cpu().numpy().astype(np.float32),
         F.HIST_XYZ: sample.hist_xyz,
         F.HIST_ROT: sample.hist_rot,
@@ -308,8 +337,6 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
         F.ACTION: action.numpy().astype(np.float32),
         F.THUMBS: resize_frames(np.ascontiguousarray(sample.images[:, -1]), F.THUMB_SIZE),
     }
-    if scale is not None:
-        arrays[F.KV_SCALE] = scale
     return arrays
 
 

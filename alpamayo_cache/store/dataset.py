@@ -4,10 +4,15 @@ Samples of equal prefix length L are batched together so no padding is needed; o
 mixed-length remainder is right-padded (and masked by the expert). The batch order of epoch e is a
 pure function of (seed, e), so a resumed run skips the batches it already consumed and sees exactly
 the batches the uninterrupted run would have seen.
+
+Two ways to a ``Batch``: ``CachedFeatures.read_batch`` (the fast path: a whole micro-batch straight into
+a ``fast_read.BatchReader`` ring slot, no per-sample copy; the training feed and validation use it) and
+``dataset[i]`` + ``collate`` (per-sample zarr reads; evaluation and tools).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -15,6 +20,9 @@ import torch
 from torch.utils.data import Dataset
 
 from alpamayo_cache.errors import UserError
+from alpamayo_cache.store import format as F
+from alpamayo_cache.store.fast_read import BatchReader, KVBatch
+from alpamayo_cache.store.quant import KVQuant
 from alpamayo_cache.store.reader import CachedSample, StoreReader
 
 
@@ -26,7 +34,10 @@ class CachedFeatures(Dataset):
         self.sample_ids = list(sample_ids)
         self._reader = reader
         reader = reader or StoreReader(self.root)
-        self.lengths = [reader.sample_info(s).length for s in self.sample_ids]
+        self.info = reader.info
+        infos = [reader.sample_info(s) for s in self.sample_ids]
+        self.lengths = [i.length for i in infos]
+        self.rope_deltas = [i.rope_delta for i in infos]
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -35,6 +46,37 @@ class CachedFeatures(Dataset):
         if self._reader is None:  # one reader per DataLoader worker process
             self._reader = StoreReader(self.root)
         return self._reader.read(self.sample_ids[index])
+
+    def kv_dims(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim) of the stored K/V, from the first sample's kv array metadata."""
+        path = self.root / F.SAMPLES_DIR / self.sample_ids[0] / F.KV / "zarr.json"
+        try:
+            layers, _, heads, _, width = json.loads(path.read_text())["shape"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise F.CorruptSample(
+                f"sample {self.sample_ids[0]}: kv metadata is unreadable ({type(exc).__name__}); "
+                f"run `alpamayo-cache repair {self.root}`"
+            ) from None
+        return int(layers), int(heads), int(width) * (2 if self.info.kv_dtype == "int4" else 1)
+
+    def batch_reader(
+        self, micro_batch: int, slots: int = 2, threads: int | None = None, pin: bool | None = None
+    ) -> BatchReader:
+        """A fast-path reader sized for this dataset's longest prefix (``read_batch`` fills its ring)."""
+        layers, heads, head_dim = self.kv_dims()
+        return BatchReader(
+            layers, micro_batch, heads, max(self.lengths), head_dim, self.info.kv_dtype,
+            slots=slots, threads=threads, pin=pin, group=self.info.kv_group or None,
+        )  # fmt: skip
+
+    def read_batch(self, reader: BatchReader, indices: list[int]) -> Batch:
+        """Samples ``indices`` as one Batch whose tensors are views into ``reader``'s next ring slot (valid
+        until that slot is filled again). The one function the feed and validation read through."""
+        items = [
+            (self.root / F.SAMPLES_DIR / self.sample_ids[i], self.sample_ids[i], self.lengths[i])
+            for i in indices
+        ]
+        return batch_of(reader.read(items), torch.tensor([self.rope_deltas[i] for i in indices]))
 
 
 def epoch_batches(
@@ -79,18 +121,41 @@ class Batch:
     hist_rot: torch.Tensor
     fut_xyz: torch.Tensor
     fut_rot: torch.Tensor
+    quant: KVQuant | None = None  # int8/int4 stores: float16 (scale, zero) arrays, see store/quant.py
+    slot: int | None = None  # the fast reader's ring slot the tensors live in (None: owned memory)
 
     def pin_memory(self) -> Batch:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor | KVQuant):
                 setattr(self, f.name, value.pin_memory())
         return self
 
 
-def _padded(parts: list[torch.Tensor], longest: int) -> torch.Tensor:
+def batch_of(kv: KVBatch, rope_deltas: torch.Tensor) -> Batch:
+    """The fast reader's batch as the model consumes it (the same tensors, no copy)."""
+    return Batch(
+        sample_ids=kv.sample_ids,
+        keys=kv.keys,
+        values=kv.values,
+        kv_scale=kv.kv_scale,
+        rope_deltas=rope_deltas,
+        lengths=kv.lengths,
+        hidden=kv.hidden,
+        action=kv.action,
+        hist_xyz=kv.hist_xyz,
+        hist_rot=kv.hist_rot,
+        fut_xyz=kv.fut_xyz,
+        fut_rot=kv.fut_rot,
+        quant=kv.quant,
+        slot=kv.slot,
+    )
+
+
+def _padded(parts: list[torch.Tensor], longest: int | None = None) -> torch.Tensor:
     """Stack [l, h, L_i, d] tensors into [l, b, h, longest, d], zero-padded (copied as raw bytes, so
-    every stored dtype, fp8 included, takes the same path)."""
+    every stored dtype, fp8 included, takes the same path). ``longest`` defaults to the longest part."""
+    longest = longest or max(p.shape[2] for p in parts)
     first = parts[0]
     raw = [p.view(torch.uint8) for p in parts]
     layers, heads, _, width = raw[0].shape
@@ -104,6 +169,15 @@ def collate(samples: list[CachedSample]) -> Batch:
     """Stack samples; K/V are right-padded to the longest prefix in the batch."""
     longest = max(s.info.length for s in samples)
     scales = [s.kv_scale for s in samples]
+    quant = None
+    if samples[0].k_quant is not None:
+        k = [s.k_quant for s in samples]
+        v = [s.v_quant for s in samples]
+        quant = KVQuant(
+            samples[0].kv_dtype, samples[0].kv_group,
+            _padded([x[:, 0] for x in k]), _padded([x[:, 1] for x in k]),
+            _padded([x[:, 0] for x in v], longest), _padded([x[:, 1] for x in v], longest),
+        )  # fmt: skip
     return Batch(
         sample_ids=[s.info.sample_id for s in samples],
         keys=_padded([s.keys for s in samples], longest),
@@ -117,6 +191,7 @@ def collate(samples: list[CachedSample]) -> Batch:
         hist_rot=torch.stack([s.hist_rot for s in samples]),
         fut_xyz=torch.stack([s.fut_xyz for s in samples]),
         fut_rot=torch.stack([s.fut_rot for s in samples]),
+        quant=quant,
     )
 
 

@@ -4,9 +4,13 @@
 <store>/
   zarr.json                    root group; attributes["alpamayo_cache"] = StoreInfo (versions, fingerprint)
   samples/<sample_id>/         one committed sample = one zarr group (present here = committed)
-    kv        [l, 2, h, L, d]  keys (0) and values (1) per VLM layer, one chunk per layer:
-                               bf16 bits as uint16 | fp32 | fp8 e4m3 bytes as uint8
+    kv        [l, 2, h, L, w]  keys (0) and values (1) per VLM layer, one chunk per layer:
+                               bf16 bits as uint16 | fp32 | fp8 e4m3 bytes as uint8 | int8 codes as uint8
+                               | int4 codes packed two per byte (w = d/2; w = d otherwise)
     kv_scale  [l, 2]           fp8 only: per-layer, per K|V dequantisation scale
+    k_quant   [l, 2, h, nk, d] int8/int4 only: float16 (scale, zero) per key channel and token group
+    v_quant   [l, 2, h, L, nv] int8/int4 only: float16 (scale, zero) per value token and channel group
+                               (store/quant.py: nk = 1 and nv = 1 for int8, groups of StoreInfo.kv_group for int4)
     hidden    [D]              VLM last hidden state (after the final norm) at <|traj_future_start|>
     hist_xyz [16,3] hist_rot [16,3,3] fut_xyz [64,3] fut_rot [64,3,3] action [64,2]   float32, ego frame
     thumbs    [c, 48, 80, 3]   uint8 camera thumbnails (last frame of each camera) for plots
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -35,6 +40,7 @@ import numpy as np
 
 from alpamayo_cache.configs import KV_DTYPES
 from alpamayo_cache.errors import UserError
+from alpamayo_cache.store import quant as Q
 
 # v2: inputs bit-exact with the release's inference path (history tokens, ego frame, pixels).
 LAYOUT_VERSION = 2
@@ -48,6 +54,8 @@ ROOT_ENTRIES = {"zarr.json", SAMPLES_DIR, STAGING_DIR, QUARANTINE_DIR, FAILURES_
 
 KV = "kv"
 KV_SCALE = "kv_scale"
+K_QUANT = "k_quant"
+V_QUANT = "v_quant"
 HIDDEN = "hidden"
 HIST_XYZ = "hist_xyz"
 HIST_ROT = "hist_rot"
@@ -57,7 +65,7 @@ ACTION = "action"
 THUMBS = "thumbs"
 THUMB_SIZE = (48, 80)
 TRUTH_ARRAYS = (HIST_XYZ, HIST_ROT, FUT_XYZ, FUT_ROT, ACTION)
-KV_ITEMSIZE = {"bf16": 2, "fp32": 4, "fp8": 1}
+KV_ITEMSIZE = {"bf16": 2, "fp32": 4, "fp8": 1, "int8": 1, "int4": 1}  # bytes per stored element
 
 # Ids become folder names: letters, digits, '.', '_', '-', at most 200 characters, never '.' or '..'.
 SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
@@ -98,22 +106,28 @@ class StoreInfo:
     attn_implementation: str
     fingerprint: str = ""
     created_by: dict[str, str] = field(default_factory=dict)
+    kv_group: int = 0  # int4: tokens per K group = channels per V group (store/quant.py); else 0
 
     @staticmethod
     def compute_fingerprint(
-        model_identity: str, model_config: dict, prompt_mode: str, kv_dtype: str, compute_dtype: str
+        model_identity: str,
+        model_config: dict,
+        prompt_mode: str,
+        kv_dtype: str,
+        compute_dtype: str,
+        kv_group: int = 0,
     ) -> str:
-        payload = json.dumps(
-            {
-                "layout": LAYOUT_VERSION,
-                "model": model_identity,
-                "config": model_config,
-                "prompt": prompt_mode,
-                "kv_dtype": kv_dtype,
-                "compute_dtype": compute_dtype,
-            },
-            sort_keys=True,
-        )
+        fields_ = {
+            "layout": LAYOUT_VERSION,
+            "model": model_identity,
+            "config": model_config,
+            "prompt": prompt_mode,
+            "kv_dtype": kv_dtype,
+            "compute_dtype": compute_dtype,
+        }
+        if kv_group:  # only where it applies, so the fingerprints of other stores stay as they were
+            fields_["kv_group"] = kv_group
+        payload = json.dumps(fields_, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,9 +246,23 @@ def create_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...
 
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+    """Bytes of K/V codes per prefix token (int8/int4 scales come on top: ``sample_bytes``)."""
     if kv_dtype not in KV_ITEMSIZE:
         raise UserError(f"--kv-dtype must be one of {KV_DTYPES}")
-    return num_layers * 2 * kv_heads * head_dim * KV_ITEMSIZE[kv_dtype]
+    return num_layers * 2 * kv_heads * Q.code_width(head_dim, kv_dtype) * KV_ITEMSIZE[kv_dtype]
+
+
+def kv_array_shapes(
+    layers: int, kv_heads: int, head_dim: int, length: int, kv_dtype: str, group: int
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the K/V arrays a sample of ``length`` tokens stores in ``kv_dtype``."""
+    shapes = {KV: (layers, 2, kv_heads, length, Q.code_width(head_dim, kv_dtype))}
+    if kv_dtype == "fp8":
+        shapes[KV_SCALE] = (layers, 2)
+    if kv_dtype in Q.INT_BITS:
+        shapes[K_QUANT] = (layers, 2, kv_heads, Q.key_groups(length, group), head_dim)
+        shapes[V_QUANT] = (layers, 2, kv_heads, length, Q.value_groups(head_dim, group))
+    return shapes
 
 
 def sample_bytes(
@@ -245,14 +273,18 @@ def sample_bytes(
     kv = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype) * length + layers * crc
     arrays = [hidden * 4, 16 * 3 * 4, 16 * 9 * 4, 64 * 3 * 4, 64 * 9 * 4, 64 * 2 * 4]
     arrays.append(cameras * THUMB_SIZE[0] * THUMB_SIZE[1] * 3)
-    if kv_dtype == "fp8":
-        arrays.append(layers * 2 * 4)
+    shapes = kv_array_shapes(
+        layers, kv_heads, head_dim, length, kv_dtype, Q.default_group(kv_dtype, head_dim)
+    )
+    arrays += [math.prod(shapes[name]) * 4 for name in (KV_SCALE,) if name in shapes]  # float32
+    arrays += [math.prod(shapes[name]) * 2 for name in (K_QUANT, V_QUANT) if name in shapes]  # float16
     metadata = 700 * (len(arrays) + 1) + 1500  # one zarr.json per array (~700 B) + the group's attrs
     return kv + sum(a + crc for a in arrays) + metadata
 
 
 def encode_kv(kv: Any, kv_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """torch [l, 2, h, L, d] -> (bits for disk, per-(layer, K|V) scale for fp8 or None)."""
+    """torch [l, 2, h, L, d] -> (bits for disk, per-(layer, K|V) scale for fp8 or None).
+    bf16 | fp32 | fp8 only; ``encode_kv_arrays`` covers every dtype."""
     import torch
 
     if kv_dtype == "bf16":
@@ -269,14 +301,26 @@ def encode_kv(kv: Any, kv_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     raise UserError(f"--kv-dtype must be one of {KV_DTYPES}")
 
 
+def encode_kv_arrays(kv: Any, kv_dtype: str, group: int | None = None) -> dict[str, np.ndarray]:
+    """torch [l, 2, h, L, d] -> every K/V array of ``kv_dtype`` for disk, encoded on kv's own device
+    (quantisation runs on the GPU in precompute; only the small result crosses to the host)."""
+    if kv_dtype in Q.INT_BITS:
+        group = Q.default_group(kv_dtype, kv.shape[-1]) if group is None else group
+        codes, k_quant, v_quant = Q.quantize(kv, kv_dtype, group)
+        return {KV: codes.cpu().numpy(), K_QUANT: k_quant.cpu().numpy(), V_QUANT: v_quant.cpu().numpy()}
+    bits, scale = encode_kv(kv, kv_dtype)
+    return {KV: bits} if scale is None else {KV: bits, KV_SCALE: scale}
+
+
 def disk_dtype(kv_dtype: str) -> np.dtype:
-    """numpy dtype of the stored K/V bits (zarr has no bfloat16 or float8)."""
-    return np.dtype({"bf16": np.uint16, "fp32": np.float32, "fp8": np.uint8}[kv_dtype])
+    """numpy dtype of the stored K/V bits (zarr has no bfloat16, float8 or int4)."""
+    return np.dtype({"bf16": np.uint16, "fp32": np.float32}.get(kv_dtype, np.uint8))
 
 
 def dequantize(x: Any, scale: Any | None, dtype: Any) -> Any:
     """Stored K or V [b, h, t, d] -> ``dtype`` on its own device. ``scale`` [b] (fp8: one per sample,
-    layer and K|V) multiplies in float32 before the cast, so no precision is lost on the way."""
+    layer and K|V) multiplies in float32 before the cast, so no precision is lost on the way.
+    int8/int4 codes go through ``quant.KVQuant.dequantize`` instead."""
     if scale is None:
         return x.to(dtype)
     return (x.float() * scale.float()[:, None, None, None]).to(dtype)

@@ -1,8 +1,8 @@
 """Reading committed samples back, refusing damaged data by name.
 
 ``StoreReader.read`` returns one sample: K/V as torch tensors in their *stored* precision (bf16, fp32,
-or fp8 e4m3 with its scales: dequantisation happens on the compute device, in the model) and the
-ground truth. Corrupt bytes fail the crc32c check; a missing chunk (zarr would return zeros) is
+fp8 e4m3 with its scales, int8/int4 codes with their (scale, zero) arrays: dequantisation happens on the
+compute device, in the model) and the ground truth. Corrupt bytes fail the crc32c check; a missing chunk (zarr would return zeros) is
 caught by counting initialised chunks. Either raises ``CorruptSample`` naming the sample.
 The training hot loop reads whole batches through ``store.fast_read`` instead (same bytes).
 """
@@ -20,6 +20,7 @@ import torch
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.store import format as F
 from alpamayo_cache.store.format import CorruptSample
+from alpamayo_cache.store.quant import INT_BITS
 
 __all__ = ["CachedSample", "CorruptSample", "StoreReader", "kv_tensor"]
 
@@ -36,6 +37,11 @@ class CachedSample:
     fut_xyz: torch.Tensor
     fut_rot: torch.Tensor
     action: torch.Tensor  # [w, 2] normalised (accel, curvature) target
+    # int8/int4 stores: k_quant [l, 2, h, nk, d], v_quant [l, 2, h, L, nv] float16 (scale, zero); else None
+    k_quant: torch.Tensor | None = None
+    v_quant: torch.Tensor | None = None
+    kv_dtype: str = ""
+    kv_group: int = 0
 
 
 def kv_tensor(bits: np.ndarray, kv_dtype: str) -> torch.Tensor:
@@ -45,7 +51,7 @@ def kv_tensor(bits: np.ndarray, kv_dtype: str) -> torch.Tensor:
         return t.view(torch.int16).view(torch.bfloat16)
     if kv_dtype == "fp8":
         return t.view(torch.float8_e4m3fn)
-    return t
+    return t  # fp32, or int8/int4 codes as uint8
 
 
 class StoreReader:
@@ -121,17 +127,32 @@ class StoreReader:
                 f"run `alpamayo-cache repair {self.root}` and re-run precompute"
             ) from exc
 
-    def read(self, sample_id: str) -> CachedSample:
-        names = [F.KV, F.HIDDEN, *F.TRUTH_ARRAYS]
+    def kv_names(self) -> list[str]:
+        """The K/V arrays of this store's dtype (kv, plus fp8 scales or int8/int4 scale arrays)."""
         if self.info.kv_dtype == "fp8":
-            names.append(F.KV_SCALE)
-        arrays = self.arrays(sample_id, names)
+            return [F.KV, F.KV_SCALE]
+        if self.info.kv_dtype in INT_BITS:
+            return [F.KV, F.K_QUANT, F.V_QUANT]
+        return [F.KV]
+
+    def read(self, sample_id: str) -> CachedSample:
+        arrays = self.arrays(sample_id, [*self.kv_names(), F.HIDDEN, *F.TRUTH_ARRAYS])
         info = self.sample_info(sample_id)
         kv = kv_tensor(arrays[F.KV], self.info.kv_dtype)
         if kv.shape[3] != info.length:
             raise CorruptSample(
                 f"sample {sample_id}: kv holds {kv.shape[3]} tokens, metadata says L={info.length}"
             )
+        head_dim = int(arrays[F.K_QUANT].shape[-1]) if F.K_QUANT in arrays else 0
+        expected = F.kv_array_shapes(
+            kv.shape[0], kv.shape[2], head_dim, info.length, self.info.kv_dtype, self.info.kv_group
+        )
+        for name in (F.K_QUANT, F.V_QUANT):
+            if name in arrays and tuple(arrays[name].shape) != expected[name]:
+                raise CorruptSample(
+                    f"sample {sample_id}: {name} is {list(arrays[name].shape)}, expected {list(expected[name])} "
+                    f"for L={info.length}; run `alpamayo-cache repair {self.root}`"
+                )
 
         def t(name: str) -> torch.Tensor:
             return torch.from_numpy(arrays[name])
@@ -147,6 +168,10 @@ class StoreReader:
             fut_xyz=t(F.FUT_XYZ),
             fut_rot=t(F.FUT_ROT),
             action=t(F.ACTION),
+            k_quant=t(F.K_QUANT) if F.K_QUANT in arrays else None,
+            v_quant=t(F.V_QUANT) if F.V_QUANT in arrays else None,
+            kv_dtype=self.info.kv_dtype,
+            kv_group=self.info.kv_group,
         )
 
     def thumbnails(self, sample_id: str) -> np.ndarray:
