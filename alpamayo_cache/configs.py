@@ -127,7 +127,13 @@ class TrainConfig:
         2, help="Keep the newest N checkpoints (plus the best by validation loss)."
     )
     val_draws: int = option(4, help="Noise draws per validation sample.")
-    num_workers: int = option(-1, help="DataLoader workers (-1: 0 on CPU, 4 on GPU).")
+    num_workers: int = option(-1, help="Reader threads of the batch feed (-1: one per core, at most 4).")
+    prefetch: int = option(
+        -1, help="Batches read ahead of the step (-1: the plan's choice, 2 when RAM allows)."
+    )
+    draws_per_sample: int = option(
+        1, help="Flow-matching (t, noise) draws per loaded prefix in one step (one K/V read, N targets)."
+    )
     gpu_memory_gb: float = option(24.0, help="GPU memory the plan is checked against (GiB).")
     resume: bool = option(False, help="Continue the run in the run folder from its newest checkpoint.")
     resume_with_changes: bool = option(
@@ -151,6 +157,7 @@ class TrainConfig:
             "save_every",
             "val_draws",
             "lora_rank",
+            "draws_per_sample",
         ):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")

@@ -1,7 +1,8 @@
 """Training objectives: what one micro-batch's loss is. The loop calls ``objective.loss`` and logs the
 extra numbers it returns next to the loss.
 
-- ``fm``: flow matching towards the logged trajectory (the release's training objective).
+- ``fm``: flow matching towards the logged trajectory (the release's training objective), with
+  ``--draws-per-sample`` (t, noise) draws per loaded prefix folded into one forward pass.
 """
 
 from __future__ import annotations
@@ -37,5 +38,5 @@ class FlowMatching:
 
 def make_objective(cfg: TrainConfig) -> Objective:
     if cfg.objective == "fm":
-        return FlowMatching()
+        return FlowMatching(draws=cfg.draws_per_sample)
     raise UserError(f"unknown --objective {cfg.objective!r}")
