@@ -9,18 +9,21 @@ channels; values have no such channel structure and quantise best per token. Cod
 - int4: K groups of ``INT4_GROUP`` tokens per channel, V groups of ``INT4_GROUP`` channels per token, codes
   packed two per byte along the head dim (low nibble = even channel).
 
-Scales and zeros are float16 (4 bytes per group; float32 would double the int4 overhead for no measurable
-gain: 0.80% vs 0.80% for int8 below). ``INT4_GROUP`` = 32, chosen by measurement on synthetic real-size K/V
-(36 x 8 heads x 2,993 tokens x 128, K ~ N(0, 1.5) with 4 outlier channels per head at 15x, V ~ N(0, 0.7);
-``benchmarks/kv_quant_error.py``), relative Frobenius error of K and V together / bits per value incl. scales:
+Scales and zeros are float16 (4 bytes per group; float32 gave the same int8 error, 0.80%, in a quick check,
+and would double the int4 overhead). ``INT4_GROUP`` = 32, chosen by measurement on synthetic real-size K/V
+(L = 2,993, K ~ N(0, 1.5) with 4 outlier channels per head at 15x, V ~ N(0, 0.7), rounded to bf16;
+``benchmarks/kv_quant_error.py``): relative Frobenius error of K and V together, bits per value with scales,
 
-    fp8 (one scale per layer and K|V)  2.65%  8.0     int4, groups of 128   10.0%  4.25
-    int8 (per-channel K, per-token V)  0.80%  8.25    int4, groups of  64    9.0%  4.5
-    int4 without groups                13.6%  4.0     int4, groups of  32    7.8%  5.0
+    fp8 (one scale per layer and K|V)   2.64%  8.0      int4, groups of 128   9.96%  4.25
+    int8 (per-channel K, per-token V)   0.80%  8.13     int4, groups of  64   8.97%  4.5
+    int4 without groups                13.57%  4.13     int4, groups of  32   7.82%  5.0
+                                                        int4, groups of  16   6.51%  6.0
 
-Gaussian noise has no structure for grouping to exploit, so these int4 numbers are the worst case; 32 is
-KIVI's group and the smallest error of those measured while the store stays at 0.31x bf16. What the
-errors cost downstream is measured by ``benchmarks/quantisation_cost.py`` (benchmarks/RESULTS.md).
+Gaussian noise has no structure for grouping to exploit, so these int4 numbers are its worst case; each
+halving of the group buys ~1.1-1.3 points for 0.25-1 more bit. 32 is KIVI's group and keeps int4 at 0.31x
+bf16 (int8 is 0.51x at a tenth of int4's error). Where the head dim is smaller than 32 (the tiny preset's
+16) the group is the head dim. What the errors cost downstream is measured by
+``benchmarks/quantisation_cost.py`` (benchmarks/RESULTS.md).
 
 Everything here is torch on the tensor's own device: precompute encodes on the compute device before the
 host copy, and the model dequantises one layer at a time on its device (``KVQuant.dequantize``).
