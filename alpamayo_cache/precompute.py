@@ -318,10 +318,8 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
     for name, value in (("kv", kv), ("hidden", enc.hidden)):
         if not bool(torch.isfinite(value).all()):
             raise BadClip(f"non-finite features: the VLM produced NaN/Inf in {name}")
-    group = default_group(kv_dtype, kv.shape[-1])
-    kv_arrays = F.encode_kv_arrays(
-        kv, kv_dtype, group
-    )  # on the VLM's device; only the encoded bytes cross over
+    # Encoded on the VLM's device: only the encoded bytes cross to the host.
+    kv_arrays = F.encode_kv_arrays(kv, kv_dtype, default_group(kv_dtype, kv.shape[-1]))
     hist_xyz, hist_rot = torch.from_numpy(sample.hist_xyz), torch.from_numpy(sample.hist_rot)
     fut_xyz, fut_rot = torch.from_numpy(sample.fut_xyz), torch.from_numpy(sample.fut_rot)
     action = space.traj_to_action(hist_xyz, hist_rot, fut_xyz, fut_rot)

@@ -113,17 +113,8 @@ def run(cfg: TrainConfig) -> TrainResult:
             resume_from = C.latest_checkpoint(run_dir)
         setup = build(cfg, reader, store_cfg, str(accelerator.device), optimizer_name, checkpointing)
         return _train(
-            cfg,
-            accelerator,
-            setup,
-            reader,
-            store_cfg,
-            train_ids,
-            val_ids,
-            run_dir,
-            resume_from,
-            plan.prefetch,
-        )
+            cfg, accelerator, setup, reader, store_cfg, train_ids, val_ids, run_dir, resume_from, plan.prefetch
+        )  # fmt: skip
     finally:
         if lock is not None:
             lock.release()

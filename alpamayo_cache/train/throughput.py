@@ -29,8 +29,10 @@ PROBE_S = 0.3
 # Seconds of one training step per sample and draw (forward + backward + optimizer share), by model size and
 # device kind. Where a pair is missing the plan names no bound for compute.
 COMPUTE_S_PER_SAMPLE = {
-    # Measured: tiny preset, 2-core shared CPU VM, fp32, micro-batch 4, scope all (this task, Dec 2026).
-    ("tiny", "cpu"): 0.0045,
+    # Measured: tiny preset, fp32, micro-batch 4, scope all, one thread: the step's CPU time per sample
+    # (time.thread_time, median of 35 steps; 2-core shared VM, Dec 2026). Wall time is this only on an idle
+    # core: the same steps took ~8x longer in wall time while other jobs loaded the machine. 4 draws: 3.4x.
+    ("tiny", "cpu"): 0.0053,
     # Estimate, not measured here: ~14 ms of expert compute per real-size sample on an RTX 4090 (issue 13).
     ("real-size", "cuda"): 0.014,
 }
@@ -147,8 +149,9 @@ def throughput(cfg, model: ModelConfig, sample_dir: Path, device: str) -> Throug
         source += f", x{cfg.draws_per_sample} draws"
     batch_bytes = cfg.micro_batch * per_sample
     prefetch = cfg.prefetch
-    if prefetch < 1:  # 2 ahead when the ring fits the host's share, else 1
-        prefetch = 2 if 3 * batch_bytes <= HOST_SHARE * (host_memory() or 3 * batch_bytes / HOST_SHARE) else 1
+    if prefetch < 1:  # 2 ahead when the ring (prefetch + 1 batches) fits the host's share, else 1
+        budget = HOST_SHARE * host_memory() if host_memory() else float("inf")
+        prefetch = 2 if 3 * batch_bytes <= budget else 1
     return Throughput(
         bytes_per_sample=per_sample,
         read_bytes_per_s=probe_bytes / seconds if seconds > 0 else 0.0,
