@@ -7,6 +7,8 @@ into each dtype with ``store.transcode`` (byte for byte what ``precompute --kv-d
 same K/V). Each dtype then trains a run with the pipeline's settings and seed, and is evaluated on the
 validation split of its own store (best-of-6, 10 Euler steps, the same per-sample noise for every model).
 "eval only" evaluates the bf16-trained run on each store: the cost of quantised K/V at inference alone.
+One evaluation per store covers its own run, the bf16 run and the untrained baseline (``--keep`` reuses
+finished runs and evaluations, so an interrupted benchmark continues where it stopped).
 
     python benchmarks/quantisation_cost.py                         # ~10-20 min on a 2-core CPU
     python benchmarks/quantisation_cost.py --steps 200 --dir /tmp/qcost --keep
@@ -15,6 +17,7 @@ validation split of its own store (best-of-6, 10 Euler steps, the same per-sampl
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import tempfile
@@ -51,9 +54,25 @@ def kv_megabytes(store: Path) -> float:
     return total / len(samples) / 1e6
 
 
-def min_ade(store: Path, run_dir: Path, out: Path) -> float:
-    cfg = EvalConfig(store=store, checkpoints=(str(run_dir),), out_dir=out, device="cpu", plots=False)
-    return float(evaluate.run(cfg)["overall"][run_dir.name]["min_ade"])
+def min_ades(store: Path, run_dirs: list[Path], out: Path) -> dict[str, float]:
+    """minADE of each run (and the untrained baseline) on ``store``'s validation split; reuses a finished
+    evaluation in ``out`` (--keep)."""
+    if not (out / "metrics.json").is_file():
+        checkpoints = tuple(str(r) for r in run_dirs)
+        evaluate.run(EvalConfig(store=store, checkpoints=checkpoints, out_dir=out, device="cpu", plots=False))
+    overall = json.loads((out / "metrics.json").read_text())["overall"]
+    return {name: float(value["min_ade"]) for name, value in overall.items()}
+
+
+def trained(store: Path, run_dir: Path, steps: int, seed: int) -> list[dict]:
+    """The run's metrics lines, training it first unless a finished run is there (--keep)."""
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    if len(lines) != steps:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        train.run(TrainConfig(store=store, run_dir=run_dir, steps=steps, seed=seed, device="cpu"))
+        lines = metrics.read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def main() -> None:
@@ -75,30 +94,34 @@ def main() -> None:
             if not (store / "zarr.json").exists():
                 transcode(src, store, kv_dtype)
             run_dir = base / "runs" / kv_dtype
-            shutil.rmtree(run_dir, ignore_errors=True)
-            result = train.run(
-                TrainConfig(store=store, run_dir=run_dir, steps=args.steps, seed=args.seed, device="cpu")
-            )
+            lines = trained(store, run_dir, args.steps, args.seed)
+            reference = base / "runs" / "bf16"  # trained first
+            runs = [run_dir] if run_dir == reference else [run_dir, reference]
+            ades = min_ades(store, runs, base / "eval" / kv_dtype)
             rows[kv_dtype] = {
                 "mb": kv_megabytes(store),
-                "final_loss": statistics.mean(result.losses[-20:]),  # the last 20 steps: less batch noise
-                "val_loss": result.val_losses[-1][1] if result.val_losses else float("nan"),
-                "min_ade": min_ade(store, run_dir, base / "eval" / kv_dtype),
-                "eval_only": min_ade(store, base / "runs" / "bf16", base / "eval-only" / kv_dtype),
+                "final_loss": statistics.mean(
+                    r["loss"] for r in lines[-20:]
+                ),  # last 20 steps: less batch noise
+                "val_loss": lines[-1].get("val_loss", float("nan")),
+                "min_ade": ades[kv_dtype],
+                "eval_only": ades["bf16"],
+                "baseline": ades["baseline"],
             }
         print(
             f"tiny preset, {n_train} train / {n_val} val samples ({args.clips} synthetic clips, stride 1 s), "
             f"{args.steps} steps, seed {args.seed}, CPU fp32 compute; deltas vs bf16"
         )
         print("| K/V | MB/sample | final loss (mean of last 20) | delta | val loss | delta | minADE (m) | delta "
-              "| eval only: bf16 run on this store, minADE | delta |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| eval only: bf16 run on this store, minADE | delta | untrained baseline minADE |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         ref = rows["bf16"]
         for kv_dtype, r in rows.items():
             print(
                 f"| {kv_dtype} | {r['mb']:.3f} | {r['final_loss']:.4f} | {r['final_loss'] - ref['final_loss']:+.4f} "
                 f"| {r['val_loss']:.4f} | {r['val_loss'] - ref['val_loss']:+.4f} | {r['min_ade']:.3f} "
-                f"| {r['min_ade'] - ref['min_ade']:+.3f} | {r['eval_only']:.3f} | {r['eval_only'] - ref['eval_only']:+.3f} |"
+                f"| {r['min_ade'] - ref['min_ade']:+.3f} | {r['eval_only']:.3f} | {r['eval_only'] - ref['eval_only']:+.3f} "
+                f"| {r['baseline']:.3f} |"
             )
     finally:
         if not args.keep:

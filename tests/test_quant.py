@@ -102,7 +102,9 @@ def test_store_round_trip_and_verify(tiny_store, tmp_path, kv_dtype):
     exact, _ = full.layer(0, torch.float32)
     rel = float((k - exact).norm() / exact.norm())
     assert 0 < rel < (0.02 if kv_dtype == "int8" else 0.2)
-    assert verify(store).ok
+    assert verify(store).ok and a.all_finite()
+    a.quant.v_zero[0, 0, 0, 0, 0] = float("nan")  # a damaged scale is caught before the model sees it
+    assert not a.all_finite()
     chunk = store / F.SAMPLES_DIR / ids[0] / F.V_QUANT / "c.0.0.0.0.0"
     data = bytearray(chunk.read_bytes())
     data[7] ^= 0x20

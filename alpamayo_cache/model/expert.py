@@ -135,8 +135,8 @@ class Prefix:
         """No NaN/Inf in the cached features (checked on their device, cheaply)."""
         if self.kv_scale is not None and not bool(torch.isfinite(self.kv_scale).all()):
             return False
-        if self.quant is not None and not self.quant.all_finite():
-            return False
+        if self.quant is not None:  # integer codes are always finite: only their scales can be damaged
+            return self.quant.all_finite()
         return all(
             bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all())
             for x in (self.keys, self.values)
