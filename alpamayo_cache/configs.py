@@ -15,7 +15,7 @@ from alpamayo_cache.options import option
 
 SYNTHETIC = "synthetic"
 PROMPT_MODES = ("traj-only", "reasoning")
-KV_DTYPES = ("bf16", "fp32", "fp8")
+KV_DTYPES = ("bf16", "fp32", "fp8", "int8", "int4")
 SCOPES = ("all", "heads", "lora")
 OBJECTIVES = ("fm", "awr")
 DEVICE_HELP = "auto (CUDA if present) | cpu | cuda | cuda:N."
@@ -60,7 +60,8 @@ class PrecomputeConfig:
     limit: int | None = option(None, help="Only the first N clips (pilot runs).")
     val_percent: int = option(10, help="Share of clips (by a hash of the clip id) held out as 'val'.")
     kv_dtype: str = option(
-        "auto", help="K/V precision on disk: auto (the compute dtype) | bf16 | fp32 | fp8."
+        "auto",
+        help="K/V precision on disk: auto (the compute dtype) | bf16 | fp32 | fp8 | int8 | int4 (--dry-run compares sizes).",
     )
     device: str = option("auto", help=DEVICE_HELP)
     dtype: str = option("auto", help="VLM compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32.")
@@ -164,7 +165,13 @@ class TrainConfig:
         2, help="Keep the newest N checkpoints (plus the best by validation loss)."
     )
     val_draws: int = option(4, help="Noise draws per validation sample.")
-    num_workers: int = option(-1, help="DataLoader workers (-1: 0 on CPU, 4 on GPU).")
+    num_workers: int = option(-1, help="Reader threads of the batch feed (-1: one per core, at most 4).")
+    prefetch: int = option(
+        -1, help="Batches read ahead of the step (-1: the plan's choice, 2 when RAM allows)."
+    )
+    draws_per_sample: int = option(
+        1, help="Flow-matching (t, noise) draws per loaded prefix in one step (one K/V read, N targets)."
+    )
     gpu_memory_gb: float = option(24.0, help="GPU memory the plan is checked against (GiB).")
     resume: bool = option(False, help="Continue the run in the run folder from its newest checkpoint.")
     resume_with_changes: bool = option(
@@ -197,6 +204,7 @@ class TrainConfig:
             "save_every",
             "val_draws",
             "lora_rank",
+            "draws_per_sample",
         ):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")

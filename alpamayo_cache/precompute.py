@@ -49,6 +49,7 @@ from alpamayo_cache.runtime import (
     versions,
 )
 from alpamayo_cache.store import format as F
+from alpamayo_cache.store.quant import INT_BITS, default_group
 from alpamayo_cache.store.writer import StoreWriter
 
 __all__ = ["PrecomputeConfig", "PrecomputeResult", "SYNTHETIC", "run"]
@@ -74,6 +75,7 @@ class Plan:
     clip_failures: list[tuple[str, str]]
     todo: list[SampleSpec]
     bytes_per_sample: dict[str, int]  # by camera set
+    prefix_lengths: dict[str, int]  # L by camera set (traj-only: exact; reasoning: its minimum)
     kv_dtype: str
     rank: int
     world: int
@@ -185,6 +187,11 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
     check_policy(cfg.keyframes)
     data = resolve_data(cfg, model)
     routes = load_routes(cfg, model, data)
+    if routes and kv_dtype in INT_BITS:
+        raise UserError(
+            f"--kv-dtype {kv_dtype} cannot store the unguided prefix of routed samples: use bf16, fp32 or "
+            "fp8 with --route"
+        )
     source = open_source(data, revision=cfg.revision, reader=cfg.reader)
     clips = select_clips(source.clip_ids(), cfg, rank, world)
     specs, clip_failures = plan_samples(
@@ -198,21 +205,45 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
     t = model.text
     longest_route = max(routes.values(), key=len) if routes else None
     block = _block_size(Path(cfg.store))
-    per_sample = {}
+    lengths, per_sample = {}, {}
     for name in cfg.camera_sets:
         length, suffix = expected_prefix_length(model, name, cfg.prompt_mode, tokenizer, longest_route)
         cameras = len(camera_set(name, model.cameras).cameras)
+        lengths[name] = length
         per_sample[name] = F.sample_bytes(
             length, t.num_layers, t.num_kv_heads, t.head_dim, kv_dtype, t.hidden_size, cameras, block=block
         ) + suffix * F.kv_bytes_per_token(t.num_layers, t.num_kv_heads, t.head_dim, kv_dtype)
     committed = set(F.committed_samples(cfg.store)) if Path(cfg.store).is_dir() else set()
     todo = [s for s in specs if s.sample_id not in committed]
-    return Plan(model, source, clips, specs, clip_failures, todo, per_sample, kv_dtype, rank, world, routes)
+    return Plan(
+        model, source, clips, specs, clip_failures, todo, per_sample, lengths, kv_dtype, rank, world, routes
+    )
 
 
 def _block_size(store: Path) -> int:
     probe = store if store.exists() else next(p for p in store.parents if p.exists())
     return os.statvfs(probe).f_frsize or 4096
+
+
+def kv_options_table(cfg: PrecomputeConfig, plan: Plan, model: ModelConfig, chosen: str, todo: int) -> str:
+    """Bytes per sample and for the plan's samples under every --kv-dtype (quantisation error measured on
+    synthetic real-size K/V, store/quant.py)."""
+    error = {"bf16": "bf16 rounding", "fp32": "none", "fp8": "~2.7%", "int8": "~0.8%", "int4": "~7.8%"}
+    t = model.text
+    block = _block_size(Path(cfg.store))
+    length = plan.prefix_lengths[cfg.camera_sets[0]]
+    cameras = len(camera_set(cfg.camera_sets[0], model.cameras).cameras)
+    rows = ["K/V options (camera set " + cfg.camera_sets[0] + f", L={length}):"]
+    for dtype in F.KV_ITEMSIZE:
+        one = F.sample_bytes(
+            length, t.num_layers, t.num_kv_heads, t.head_dim, dtype, t.hidden_size, cameras, block=block
+        )
+        mark = "  <- this run" if dtype == chosen else ""
+        rows.append(
+            f"  {dtype:<5} {human_bytes(one):>10} per sample, {human_bytes(one * todo):>10} for {todo} "
+            f"(relative error {error[dtype]}){mark}"
+        )
+    return "\n".join(rows)
 
 
 def _free_disk(store: Path) -> tuple[Path, int]:
@@ -250,6 +281,7 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
         f"source: {plan.source.description}"
     )
     if cfg.dry_run:
+        log.info(kv_options_table(cfg, plan, model, kv_dtype, len(plan.todo)))
         result.failed = dict(plan.clip_failures)
         return result
     if result.expected_bytes > cfg.disk_margin * free:
@@ -283,6 +315,7 @@ def _store_info(
     cfg: PrecomputeConfig, model: ModelConfig, vlm, kv_dtype: str, dtype, device: str, routes: dict[str, str]
 ) -> F.StoreInfo:
     inputs = {"routes": routes_digest(routes)} if routes else {}
+    group = default_group(kv_dtype, model.text.head_dim)
     return F.StoreInfo(
         layout_version=F.LAYOUT_VERSION,
         model_name=model.name,
@@ -293,11 +326,12 @@ def _store_info(
         compute_dtype=dtype_name(dtype),
         attn_implementation=vlm.model.config._attn_implementation,
         fingerprint=F.StoreInfo.compute_fingerprint(
-            vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype), inputs
+            vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype), inputs, group
         ),
         created_by=versions(device),
         inputs=inputs,
         front_image_hw=list(F.FRONT_IMAGE_SIZE),
+        kv_group=group,
     )
 
 
@@ -407,14 +441,15 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
     for name, value in (("kv", kv), ("hidden", enc.hidden), ("kv_uncond", uncond)):
         if value is not None and not bool(torch.isfinite(value).all()):
             raise BadClip(f"non-finite features: the VLM produced NaN/Inf in {name}")
-    bits, scale = F.encode_kv(kv, kv_dtype)
+    # Encoded on the VLM's device: only the encoded bytes cross to the host.
+    kv_arrays = F.encode_kv_arrays(kv, kv_dtype, default_group(kv_dtype, kv.shape[-1]))
     hist_xyz, hist_rot = torch.from_numpy(sample.hist_xyz), torch.from_numpy(sample.hist_rot)
     fut_xyz, fut_rot = torch.from_numpy(sample.fut_xyz), torch.from_numpy(sample.fut_rot)
     action = space.traj_to_action(hist_xyz, hist_rot, fut_xyz, fut_rot)
     if not bool(torch.isfinite(action).all()):
         raise BadClip("bad egomotion: the trajectory gives non-finite actions")
     arrays = {
-        F.KV: bits,
+        **kv_arrays,
         F.HIDDEN: enc.hidden.cpu().numpy().astype(np.float32),
         F.HIST_XYZ: sample.hist_xyz,
         F.HIST_ROT: sample.hist_rot,
@@ -427,10 +462,8 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
         if sample.front is not None
         else np.zeros((*F.FRONT_IMAGE_SIZE, 3), np.uint8),
     }
-    if scale is not None:
-        arrays[F.KV_SCALE] = scale
-    if uncond is not None:
-        arrays[F.KV_UNCOND] = F.encode_kv(uncond, kv_dtype, scale)[0]
+    if uncond is not None:  # routes are refused with int8/int4 before any work (make_plan)
+        arrays[F.KV_UNCOND] = F.encode_kv(uncond, kv_dtype, kv_arrays.get(F.KV_SCALE))[0]
     return arrays
 
 

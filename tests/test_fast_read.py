@@ -18,7 +18,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 from alpamayo_cache.errors import UserError
-from alpamayo_cache.store import fast_read
+from alpamayo_cache.store import chunks, fast_read
 from alpamayo_cache.store import format as F
 from alpamayo_cache.store.fast_read import PIECE, BatchReader, ChunkPlan, chunk_plan
 from alpamayo_cache.store.reader import CorruptSample
@@ -27,6 +27,8 @@ from alpamayo_cache.store.writer import StoreWriter
 LAYERS, HEADS, DIM, HIDDEN = 3, 2, 4, 6
 LENGTHS = {"s-a": 7, "s-b": 5, "s-c": 3}  # the batch's longest is 7; max_len 9 leaves room unused
 MAX_LEN = 9
+GROUP = 2  # int4 group at this head dim: key groups 4, 3, 2 for the three lengths (padded in the batch)
+DTYPES = ("bf16", "fp32", "fp8", "int8", "int4")
 TRUTH_SHAPES = {F.HIST_XYZ: (16, 3), F.HIST_ROT: (16, 3, 3), F.FUT_XYZ: (64, 3), F.FUT_ROT: (64, 3, 3)}
 
 
@@ -48,13 +50,11 @@ def _write_store(root: Path, kv_dtype: str, seed: int) -> Path:
         for sample_id, length in LENGTHS.items():
             kv = torch.randn(LAYERS, 2, HEADS, length, DIM, generator=g)
             kv[:, 0, :, :, 1] *= 20.0  # an outlier channel in K, as in real caches
-            bits, scale = F.encode_kv(kv, kv_dtype)
-            arrays = {F.KV: bits, F.HIDDEN: torch.randn(HIDDEN, generator=g).numpy()}
+            arrays = F.encode_kv_arrays(kv, kv_dtype, group=GROUP if kv_dtype == "int4" else None)
+            arrays[F.HIDDEN] = torch.randn(HIDDEN, generator=g).numpy()
             for name, shape in TRUTH_SHAPES.items():
                 arrays[name] = torch.randn(*shape, generator=g).numpy()
             arrays[F.ACTION] = torch.randn(64, 2, generator=g).numpy()
-            if scale is not None:
-                arrays[F.KV_SCALE] = scale
             sample = F.SampleInfo(sample_id, "clip", 0, "front", ["front"], "train", length, -3)
             writer.write(sample, arrays)
     finally:
@@ -65,7 +65,7 @@ def _write_store(root: Path, kv_dtype: str, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("fast_read")
-    return {dt: _write_store(base / dt, dt, seed) for seed, dt in enumerate(("bf16", "fp32", "fp8"))}
+    return {dt: _write_store(base / dt, dt, seed) for seed, dt in enumerate(DTYPES)}
 
 
 def _batch(root: Path, ids: tuple[str, ...] = tuple(LENGTHS)) -> list[tuple[Path, str, int]]:
@@ -73,6 +73,7 @@ def _batch(root: Path, ids: tuple[str, ...] = tuple(LENGTHS)) -> list[tuple[Path
 
 
 def _reader(kv_dtype: str, **kw) -> BatchReader:
+    kw.setdefault("group", GROUP if kv_dtype == "int4" else None)
     return BatchReader(LAYERS, 3, HEADS, MAX_LEN, DIM, kv_dtype, **kw)
 
 
@@ -91,17 +92,34 @@ def _assert_matches_zarr(batch, samples) -> None:
         if batch.kv_scale is not None:
             scale = zarr.open_array(str(sample_dir / F.KV_SCALE), mode="r")[...]
             assert batch.kv_scale[j].numpy().tobytes() == scale.tobytes()
+        if batch.quant is not None:
+            q = batch.quant
+            for name, halves in ((F.K_QUANT, (q.k_scale, q.k_zero)), (F.V_QUANT, (q.v_scale, q.v_zero))):
+                stored = zarr.open_array(str(sample_dir / name), mode="r")[...]
+                rows = stored.shape[3]
+                for i, half in enumerate(halves):
+                    assert _bytes(half[:, j, :, :rows]) == np.ascontiguousarray(stored[:, i]).tobytes()
+                    assert not half[:, j, :, rows:].view(torch.int16).any()  # padding rows are zero
 
 
-@pytest.mark.parametrize("kv_dtype", ["bf16", "fp32", "fp8"])
+@pytest.mark.parametrize("kv_dtype", DTYPES)
 @pytest.mark.parametrize("threads,piece", [(1, PIECE), (2, PIECE), (2, 40)])  # 40 B: pieces cross heads
 def test_bitwise_equal_to_zarr(stores, kv_dtype, threads, piece):
     samples = _batch(stores[kv_dtype])
     with _reader(kv_dtype, threads=threads, piece=piece) as reader:
         batch = reader.read(samples)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}[kv_dtype]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}.get(
+        kv_dtype, torch.uint8
+    )
     assert batch.keys.dtype == batch.values.dtype == dtype
-    assert batch.keys.shape == (LAYERS, 3, HEADS, 7, DIM) and batch.keys.is_contiguous()
+    width = DIM // 2 if kv_dtype == "int4" else DIM
+    assert batch.keys.shape == (LAYERS, 3, HEADS, 7, width) and batch.keys.is_contiguous()
+    assert (batch.quant is None) == (kv_dtype not in ("int8", "int4"))
+    if batch.quant is not None:
+        k_rows = 1 if kv_dtype == "int8" else 4  # int8: one group over all tokens; int4: ceil(7 / 2)
+        v_cols = 1 if kv_dtype == "int8" else DIM // GROUP
+        assert batch.quant.k_scale.shape == (LAYERS, 3, HEADS, k_rows, DIM)
+        assert batch.quant.v_zero.shape == (LAYERS, 3, HEADS, 7, v_cols)
     assert batch.lengths.tolist() == [7, 5, 3] and batch.sample_ids == list(LENGTHS)
     assert batch.hidden.shape == (3, HIDDEN) and batch.action.shape == (3, 64, 2)
     assert (batch.kv_scale is None) == (kv_dtype != "fp8")
@@ -110,13 +128,15 @@ def test_bitwise_equal_to_zarr(stores, kv_dtype, threads, piece):
     _assert_matches_zarr(batch, samples)
 
 
-@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8", "int4"])
 def test_padding_zeroed_and_buffers_reused(stores, kv_dtype):
     root = stores[kv_dtype]
     with _reader(kv_dtype, slots=2) as reader:
         first = reader.read(_batch(root, ("s-a", "s-a", "s-a")))  # slot 0, no padding
         first.keys.view(torch.uint8).fill_(0xFF)  # NaN bits in bf16 and e4m3fn: stale data is visible
         first.values.view(torch.uint8).fill_(0xFF)
+        for t in first.quant.tensors() if first.quant else ():
+            t.view(torch.uint8).fill_(0xFF)  # float16 NaN bits in the scales
         other = reader.read(_batch(root, ("s-b",)))  # slot 1
         again = reader.read(_batch(root))  # slot 0 again, padded
     assert again.keys.data_ptr() == first.keys.data_ptr() != other.keys.data_ptr()
@@ -166,7 +186,7 @@ def test_crc_without_the_ctypes_library(stores, tmp_path, monkeypatch):
     import google_crc32c
 
     assert fast_read.CRC_RELEASES_GIL  # this venv's google_crc32c wheel bundles libcrc32c
-    monkeypatch.setattr(fast_read, "_crc_extend", lambda crc, view, address: google_crc32c.extend(crc, view))
+    monkeypatch.setattr(chunks, "_crc_extend", lambda crc, view, address: google_crc32c.extend(crc, view))
     root = tmp_path / "store"
     shutil.copytree(stores["bf16"] / F.SAMPLES_DIR, root / F.SAMPLES_DIR)
     with _reader("bf16", piece=40) as reader:

@@ -17,6 +17,7 @@ from alpamayo_cache.options import apply_overrides
 from alpamayo_cache.store.dataset import CachedFeatures, collate
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.train import TrainConfig, run, validation_loss
+from alpamayo_cache.train.objectives import make_objective
 from alpamayo_cache.train.plan import GIB, head_parameter_count
 from alpamayo_cache.train.plan import plan as memory_plan
 
@@ -48,6 +49,19 @@ def test_resume_reproduces_the_loss_sequence(tiny_store, tmp_path):
     a, _ = load_head_file(full.checkpoint / "head.safetensors")
     b, _ = load_head_file(second.checkpoint / "head.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_several_draws_per_sample(tiny_store, tmp_path):
+    """--draws-per-sample 3: three (t, noise) draws per loaded prefix, still exactly resumable."""
+    kw = dict(steps=4, save_every=2, draws_per_sample=3)
+    assert make_objective(cfg(tiny_store, tmp_path, **kw)).draws == 3
+    full = run(cfg(tiny_store, tmp_path / "full", **kw))
+    first = run(cfg(tiny_store, tmp_path / "split", stop_after=2, **kw))
+    second = run(cfg(tiny_store, tmp_path / "split", resume=True, **kw))
+    assert len(first.losses) == len(second.losses) == 2
+    assert first.losses + second.losses == full.losses
+    with pytest.raises(UserError, match="draws_per_sample: 3 -> 1"):
+        run(cfg(tiny_store, tmp_path / "split", steps=4, save_every=2, resume=True))
 
 
 def test_checkpoint_uses_the_released_key_layout(tiny_store, tmp_path):

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from alpamayo_cache.config import ModelConfig, TextConfig
 from alpamayo_cache.store.format import dequantize
+from alpamayo_cache.store.quant import KVQuant
 
 ATTENTION_MODES = ("bidirectional", "causal")
 
@@ -86,12 +87,14 @@ def build_expert(cfg: ModelConfig) -> nn.Module:
 class Prefix:
     """Cached VLM features for a batch, as the expert consumes them.
 
-    keys, values: [l, b, h, t, d] in the stored precision (t = longest prefix; shorter ones right-padded)
+    keys, values: [l, b, h, t, d] in the stored precision (t = longest prefix; shorter ones right-padded;
+                  int8/int4 codes, int4 packed to d/2)
     rope_deltas:  [b] MRoPE offset of each prompt (negative: images use fewer positions than tokens)
     lengths:      [b] prefix length L of each sample: one past its <|traj_future_start|>; keys from L on
                   are never attended
-    kv_scale:     [b, l, 2] dequantisation scales of quantised stores, else None
+    kv_scale:     [b, l, 2] dequantisation scales of fp8 stores, else None
     key_mask:     [b, t] bool, False at padding inside [0, L) (left padding), else None
+    quant:        int8/int4 stores' (scale, zero) arrays, else None
     """
 
     keys: torch.Tensor
@@ -100,6 +103,7 @@ class Prefix:
     lengths: torch.Tensor
     kv_scale: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+    quant: KVQuant | None = None
 
     @classmethod
     def from_batch(cls, batch) -> Prefix:
@@ -110,6 +114,7 @@ class Prefix:
             batch.lengths,
             batch.kv_scale,
             getattr(batch, "key_mask", None),
+            getattr(batch, "quant", None),
         )
 
     @property
@@ -133,10 +138,13 @@ class Prefix:
             move(self.lengths),
             move(self.kv_scale),
             move(self.key_mask),
+            None if self.quant is None else self.quant.to(device),
         )  # type: ignore[arg-type]
 
     def layer(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of VLM layer ``index`` in ``dtype``, [b, h, t, d], on the prefix's device."""
+        if self.quant is not None:
+            return self.quant.dequantize(index, self.keys[index], self.values[index], dtype)
         scale = None if self.kv_scale is None else self.kv_scale[:, index]
         k_scale = None if scale is None else scale[:, 0]
         v_scale = None if scale is None else scale[:, 1]
@@ -146,6 +154,8 @@ class Prefix:
         """No NaN/Inf in the cached features (checked on their device, cheaply)."""
         if self.kv_scale is not None and not bool(torch.isfinite(self.kv_scale).all()):
             return False
+        if self.quant is not None:  # integer codes are always finite: only their scales can be damaged
+            return self.quant.all_finite()
         return all(
             bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all())
             for x in (self.keys, self.values)

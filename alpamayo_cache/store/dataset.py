@@ -6,10 +6,15 @@ release batches its prompts (``pad_side="left"``: a key mask marks the pads). A 
 unguided suffix along; ``model.guidance`` turns those into the batch's unguided prefix when asked. The batch order of epoch e is a
 pure function of (seed, e), so a resumed run skips the batches it already consumed and sees exactly
 the batches the uninterrupted run would have seen.
+
+Two ways to a ``Batch``: ``CachedFeatures.read_batch`` (the fast path: a whole micro-batch straight into
+a ``fast_read.BatchReader`` ring slot, no per-sample copy; the training feed and validation use it) and
+``dataset[i]`` + ``collate`` (per-sample zarr reads; evaluation and tools).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -17,7 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from alpamayo_cache.errors import UserError
+from alpamayo_cache.store import format as F
+from alpamayo_cache.store.fast_read import BatchReader, KVBatch
 from alpamayo_cache.store.format import SampleInfo
+from alpamayo_cache.store.quant import KVQuant
 from alpamayo_cache.store.reader import CachedSample, StoreReader
 
 
@@ -33,7 +41,10 @@ class CachedFeatures(Dataset):
         self.front = front
         self._reader = reader
         reader = reader or StoreReader(self.root)
-        self.lengths = [reader.sample_info(s).length for s in self.sample_ids]
+        self.info = reader.info
+        self.infos = infos = [reader.sample_info(s) for s in self.sample_ids]
+        self.lengths = [i.length for i in infos]
+        self.rope_deltas = [i.rope_delta for i in infos]
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -42,6 +53,61 @@ class CachedFeatures(Dataset):
         if self._reader is None:  # one reader per DataLoader worker process
             self._reader = StoreReader(self.root)
         return self._reader.read(self.sample_ids[index], front=self.front)
+
+    def kv_dims(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim) of the stored K/V, from the first sample's kv array metadata."""
+        path = self.root / F.SAMPLES_DIR / self.sample_ids[0] / F.KV / "zarr.json"
+        try:
+            layers, _, heads, _, width = json.loads(path.read_text())["shape"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise F.CorruptSample(
+                f"sample {self.sample_ids[0]}: kv metadata is unreadable ({type(exc).__name__}); "
+                f"run `alpamayo-cache repair {self.root}`"
+            ) from None
+        return int(layers), int(heads), int(width) * (2 if self.info.kv_dtype == "int4" else 1)
+
+    def batch_reader(
+        self, micro_batch: int, slots: int = 2, threads: int | None = None, pin: bool | None = None
+    ) -> BatchReader:
+        """A fast-path reader sized for this dataset's longest prefix (``read_batch`` fills its ring)."""
+        layers, heads, head_dim = self.kv_dims()
+        return BatchReader(
+            layers, micro_batch, heads, max(self.lengths), head_dim, self.info.kv_dtype,
+            slots=slots, threads=threads, pin=pin, group=self.info.kv_group or None,
+        )  # fmt: skip
+
+    def read_batch(self, reader: BatchReader, indices: list[int]) -> Batch:
+        """Samples ``indices`` as one Batch whose tensors are views into ``reader``'s next ring slot (valid
+        until that slot is filled again). The one function the feed and validation read through."""
+        items = [
+            (self.root / F.SAMPLES_DIR / self.sample_ids[i], self.sample_ids[i], self.lengths[i])
+            for i in indices
+        ]
+        batch = batch_of(reader.read(items), torch.tensor([self.rope_deltas[i] for i in indices]))
+        return self._with_extras(batch, indices)
+
+    def _with_extras(self, batch: Batch, indices: list[int]) -> Batch:
+        """The batch's infos, routed samples' unguided suffixes and (``front``) front images: small
+        arrays, read per sample beside the fast K/V read."""
+        infos = [self.infos[i] for i in indices]
+        batch.infos = infos
+        if not self.front and all(i.route_start < 0 for i in infos):
+            return batch
+        if self._reader is None:
+            self._reader = StoreReader(self.root)
+        extras = [self._reader.extras(i.sample_id, self.front) for i in infos]
+        uncond = [
+            None
+            if e["uncond_keys"] is None
+            else UncondSuffix(
+                i.route_start, e["uncond_keys"], e["uncond_values"], i.uncond_length, i.uncond_rope_delta
+            )
+            for i, e in zip(infos, extras, strict=True)
+        ]
+        batch.uncond = uncond if any(u is not None for u in uncond) else None
+        fronts = [e["front_image"] for e in extras]
+        batch.front_image = torch.stack(fronts) if all(f is not None for f in fronts) else None  # type: ignore[arg-type]
+        return batch
 
 
 def epoch_batches(
@@ -104,18 +170,42 @@ class Batch:
     uncond: list[UncondSuffix | None] | None = None  # per sample; None when no sample has a route
     front_image: torch.Tensor | None = None
     infos: list[SampleInfo] = field(default_factory=list)
+    quant: KVQuant | None = None  # int8/int4 stores: float16 (scale, zero) arrays, see store/quant.py
+    slot: int | None = None  # the fast reader's ring slot the tensors live in (None: owned memory)
 
     def pin_memory(self) -> Batch:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor | KVQuant):
                 setattr(self, f.name, value.pin_memory())
         return self
 
 
-def _padded(parts: list[torch.Tensor], longest: int, left: bool = False) -> torch.Tensor:
+def batch_of(kv: KVBatch, rope_deltas: torch.Tensor) -> Batch:
+    """The fast reader's batch as the model consumes it (the same tensors, no copy)."""
+    return Batch(
+        sample_ids=kv.sample_ids,
+        keys=kv.keys,
+        values=kv.values,
+        kv_scale=kv.kv_scale,
+        rope_deltas=rope_deltas,
+        lengths=kv.lengths,
+        hidden=kv.hidden,
+        action=kv.action,
+        hist_xyz=kv.hist_xyz,
+        hist_rot=kv.hist_rot,
+        fut_xyz=kv.fut_xyz,
+        fut_rot=kv.fut_rot,
+        quant=kv.quant,
+        slot=kv.slot,
+    )
+
+
+def _padded(parts: list[torch.Tensor], longest: int | None = None, left: bool = False) -> torch.Tensor:
     """Stack [l, h, L_i, d] tensors into [l, b, h, longest, d], zero-padded on the right (or left)
-    (copied as raw bytes, so every stored dtype, fp8 included, takes the same path)."""
+    (copied as raw bytes, so every stored dtype, fp8 included, takes the same path). ``longest``
+    defaults to the longest part."""
+    longest = longest or max(p.shape[2] for p in parts)
     first = parts[0]
     raw = [p.view(torch.uint8) for p in parts]
     layers, heads, _, width = raw[0].shape
@@ -147,6 +237,15 @@ def collate(samples: list[CachedSample], pad_side: str = "right") -> Batch:
     scales = [s.kv_scale for s in samples]
     uncond = [_uncond(s) for s in samples]
     fronts = [s.front_image for s in samples]
+    quant = None
+    if samples[0].k_quant is not None:
+        k = [s.k_quant for s in samples]
+        v = [s.v_quant for s in samples]
+        quant = KVQuant(
+            samples[0].kv_dtype, samples[0].kv_group,
+            _padded([x[:, 0] for x in k]), _padded([x[:, 1] for x in k]),
+            _padded([x[:, 0] for x in v], longest), _padded([x[:, 1] for x in v], longest),
+        )  # fmt: skip
     return Batch(
         sample_ids=[s.info.sample_id for s in samples],
         keys=_padded([s.keys for s in samples], longest, left),
@@ -164,6 +263,7 @@ def collate(samples: list[CachedSample], pad_side: str = "right") -> Batch:
         uncond=uncond if any(u is not None for u in uncond) else None,
         front_image=torch.stack(fronts) if all(f is not None for f in fronts) else None,  # type: ignore[arg-type]
         infos=[s.info for s in samples],
+        quant=quant,
     )
 
 

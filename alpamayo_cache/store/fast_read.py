@@ -1,25 +1,15 @@
 """The hot-loop reader: committed samples straight from their chunk files into reused batch buffers.
 
-The store format stays as the writer makes it (zarr v3, codec chain [bytes little-endian, crc32c], no
-compression, one chunk file per layer for ``kv``, one chunk for every other array). Such a chunk file is
-the chunk's raw little-endian bytes in C order followed by 4 bytes: the little-endian crc32c (Castagnoli) of
-everything before them. ``read_chunk`` reads a file with ``os.preadv`` in ~1 MiB pieces directly into the
-caller's memory, scattered where the caller wants it (K of a layer here, V there, one piece per head when
-the batch is padded), and extends the crc over each piece while it is still in the core's cache. Against
-zarr + ``collate`` this drops two copies and the page faults of writing into fresh 441 MB arrays (issue 13).
-
 ``BatchReader`` reads a whole micro-batch into a small ring of reused (pinned when CUDA is present) buffers
 and hands out views in the stored dtype: bf16 bits as ``torch.bfloat16``, fp32, fp8 bytes as
-``torch.float8_e4m3fn`` with the per-sample scales (dequantised later, on the device). An array the fast path
-does not recognise (``chunk_plan`` is None: another codec chain, sharding, another chunk-key encoding) is read
-through zarr instead, logged once per reason. A missing, truncated, extended or crc-failing chunk raises
-``CorruptSample`` naming the sample, the array and the chunk.
+``torch.float8_e4m3fn`` with the per-sample scales, int8/int4 codes as ``torch.uint8`` with their float16
+(scale, zero) arrays (all dequantised later, on the device). Each chunk file goes through
+``chunks.read_chunk`` (``os.preadv`` into the slot, crc32c over each piece while hot). Against zarr +
+``collate`` this drops two copies and the page faults of writing into fresh 441 MB arrays (issue 13).
+An array the fast path does not recognise (``chunk_plan`` is None: another codec chain, sharding, another
+chunk-key encoding) is read through zarr instead, logged once per reason. A missing, truncated, extended or
+crc-failing chunk raises ``CorruptSample`` naming the sample, the array and the chunk.
 
-GIL, checked in the sources: ``os.preadv`` releases it for the system call. google_crc32c 1.9's ``extend`` and
-``value`` release it only for a ``bytes`` object of >= 1 MiB (``_crc32c.c``: ``PyBytes_Check``), never for
-numpy/torch memory, so two threads checksumming buffers would take turns. We therefore call the same C
-function, ``crc32c_extend`` of the libcrc32c that the google_crc32c wheel bundles, through ctypes (which
-drops the GIL for the call); where that library is not found, ``google_crc32c.extend`` is used.
 Threads: a pool over chunk files, each task reading and checksumming its own file, so both halves of
 the work run on every core. Measured on a shared 2-core VM (warm page cache, 441 MB bf16 sample, ratio to a
 plain single-thread read, best of rounds): one thread 0.55-0.85 (read then crc on one core: the crc at
@@ -33,13 +23,10 @@ measures it on any machine.
 
 from __future__ import annotations
 
-import ctypes
-import itertools
 import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -51,198 +38,44 @@ import torch
 
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.store import format as F
+from alpamayo_cache.store import quant as Q
+from alpamayo_cache.store.chunks import (  # noqa: F401  (re-exported: the fast path's public names)
+    CRC_BYTES,
+    CRC_RELEASES_GIL,
+    PIECE,
+    ChunkPlan,
+    byte_view,
+    chunk_plan,
+    plan_from_meta,
+    read_chunk,
+)
+from alpamayo_cache.store.chunks import corrupt_sample as _corrupt
 from alpamayo_cache.store.format import CorruptSample  # = store.reader.CorruptSample
 
 log = logging.getLogger(__name__)
 
-PIECE = 1 << 20  # bytes per preadv call: fits the 2 MiB L2 of a core, so the crc pass reads from cache
-CRC_BYTES = 4
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
-_NUMERIC = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
-_NUMERIC |= {"float16", "float32", "float64"}
+_TORCH_DTYPE |= {"int8": torch.uint8, "int4": torch.uint8}
 SMALL_ARRAYS = (F.HIDDEN, *F.TRUTH_ARRAYS)
-
-
-def _load_crc_extend() -> tuple[Callable[[int, np.ndarray, int], int], bool]:
-    """(crc32c extend over (view, address), whether it releases the GIL)."""
-    import google_crc32c
-
-    package = Path(google_crc32c.__file__).parent
-    for path in sorted(package.parent.glob("google_crc32c.libs/libcrc32c*")) + sorted(
-        package.glob("**/libcrc32c*")
-    ):
-        try:
-            fn = ctypes.CDLL(str(path)).crc32c_extend  # CDLL (not PyDLL): the call runs without the GIL
-        except (OSError, AttributeError):
-            continue
-        fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-        probe = ctypes.create_string_buffer(b"123456789", 9)
-        if fn(0, ctypes.addressof(probe), 9) == 0xE3069283 == google_crc32c.value(b"123456789"):
-            return (lambda crc, view, address, fn=fn: fn(crc, address, view.nbytes)), True
-    return (lambda crc, view, address: google_crc32c.extend(crc, view)), False
-
-
-_crc_extend, CRC_RELEASES_GIL = _load_crc_extend()
-
-
-def _corrupt(sample_id: str, problem: str) -> CorruptSample:
-    return CorruptSample(
-        f"sample {sample_id}: {problem}; run `alpamayo-cache repair` on the store and re-run precompute"
-    )
 
 
 def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-@dataclass(frozen=True)
-class ChunkPlan:
-    """Where the bytes of a zarr array the fast path understands are, and how many there are."""
-
-    array_dir: Path
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    chunk_shape: tuple[int, ...]
-
-    @property
-    def itemsize(self) -> int:
-        return self.dtype.itemsize
-
-    @property
-    def grid(self) -> tuple[int, ...]:
-        return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunk_shape, strict=True))
-
-    @property
-    def chunk_nbytes(self) -> int:
-        """Payload bytes of every chunk file (zarr stores edge chunks at full size); the crc comes after."""
-        return math.prod(self.chunk_shape) * self.itemsize
-
-    @property
-    def chunk_names(self) -> list[str]:
-        """File names in C order of the chunk grid ("default" key encoding, separator ".")."""
-        return [".".join(["c", *map(str, idx)]) for idx in itertools.product(*map(range, self.grid))]
-
-
-def plan_from_meta(array_dir: Path, meta: dict) -> ChunkPlan | str:
-    """The plan of an array from its parsed zarr.json, or a short reason why the fast path can't read it."""
-    try:
-        return _plan(array_dir, meta)
-    except (AttributeError, TypeError, ValueError, IndexError) as exc:
-        return f"a malformed zarr.json ({type(exc).__name__})"
-
-
-def _plan(array_dir: Path, meta: dict) -> ChunkPlan | str:
-    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
-        return "not a zarr v3 array"
-    if meta.get("storage_transformers"):
-        return "storage transformers"
-    name = meta.get("data_type")
-    if not isinstance(name, str) or name not in _NUMERIC:
-        return f"data type {name!r}"
-    dtype = np.dtype(name)
-    grid = meta.get("chunk_grid", {})
-    shape = tuple(meta.get("shape", ()))
-    chunk_shape = tuple(grid.get("configuration", {}).get("chunk_shape", ()))
-    if grid.get("name") != "regular" or len(chunk_shape) != len(shape) or not all(shape + chunk_shape):
-        return "not a regular, non-empty chunk grid"
-    keys = meta.get("chunk_key_encoding", {})
-    if keys.get("name") != "default" or keys.get("configuration", {}).get("separator") != ".":
-        return f"chunk key encoding {keys}"
-    codecs = meta.get("codecs", [])
-    names = [c.get("name") for c in codecs]
-    if names != ["bytes", "crc32c"] or codecs[1].get("configuration"):
-        return f"codec chain {names} (the fast path reads exactly [bytes, crc32c])"
-    endian = codecs[0].get("configuration", {}).get("endian")
-    if not (endian == "little" or (endian is None and dtype.itemsize == 1)) or sys.byteorder != "little":
-        return f"byte order {endian} on a {sys.byteorder}-endian host"
-    return ChunkPlan(Path(array_dir), shape, dtype, chunk_shape)
-
-
-def chunk_plan(array_dir: Path) -> ChunkPlan | None:
-    """Plan for ``array_dir`` if its chunks are exactly [bytes little-endian, crc32c] files named c.i.j...
-    (no sharding, no compression); None otherwise, and the caller reads the array through zarr."""
-    try:
-        meta = json.loads((Path(array_dir) / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return None
-    plan = plan_from_meta(Path(array_dir), meta)
-    return plan if isinstance(plan, ChunkPlan) else None
-
-
-def byte_view(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A writable 1-D uint8 numpy view of contiguous numpy or (CPU, possibly pinned) torch memory."""
-    if isinstance(x, torch.Tensor):
-        if not x.is_contiguous():
-            raise ValueError("byte_view needs a contiguous tensor")
-        x = x.reshape(-1).view(torch.uint8).numpy()
-    if not x.flags.c_contiguous:
-        raise ValueError("byte_view needs a C-contiguous array")
-    return x.reshape(-1).view(np.uint8)
-
-
-def read_chunk(
-    path: Path, segments: Sequence[np.ndarray], *, sample_id: str, array: str, piece: int = PIECE
-) -> None:
-    """Fill ``segments`` (1-D uint8 views, in file order) with the payload of the chunk file at ``path``,
-    checking its size and crc32c. Raises ``CorruptSample`` naming the sample, array and chunk."""
-
-    def corrupt(problem: str) -> CorruptSample:
-        return _corrupt(sample_id, f"{array} chunk {Path(path).name} {problem}")
-
-    expected = sum(s.nbytes for s in segments)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise corrupt("is missing on disk") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size != expected + CRC_BYTES:
-            raise corrupt(
-                f"has {size} bytes on disk, expected {expected + CRC_BYTES} (truncated or extended)"
-            )
-        crc, pos, filled = 0, 0, 0
-        views: list[np.ndarray] = []  # one preadv's destinations, ~piece bytes in all
-        addresses: list[int] = []
-
-        def flush() -> None:
-            nonlocal crc, pos, filled
-            if os.preadv(fd, views, pos) != filled:
-                raise corrupt("changed size while being read")
-            for view, address in zip(views, addresses, strict=True):
-                crc = _crc_extend(crc, view, address)  # while the piece is still in this core's cache
-            pos, filled = pos + filled, 0
-            views.clear()
-            addresses.clear()
-
-        for seg in segments:
-            base, end, off = seg.ctypes.data, seg.nbytes, 0
-            while off < end:
-                take = min(piece - filled, end - off)
-                views.append(seg[off : off + take])
-                addresses.append(base + off)
-                filled, off = filled + take, off + take
-                if filled == piece:
-                    flush()
-        if filled:
-            flush()
-        stored = int.from_bytes(os.pread(fd, CRC_BYTES, pos), "little")
-        if stored != crc:
-            raise corrupt(f"fails its crc32c check (stored {stored:#010x}, computed {crc:#010x})")
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class KVBatch:
     """One micro-batch, as views into a ring slot: valid until the reader refills that slot
-    (``slots`` reads later). Shapes: b samples, l layers, h kv-heads, t longest prefix, d head dim."""
+    (``slots`` reads later). Shapes: b samples, l layers, h kv-heads, t longest prefix, d head dim,
+    w stored width of a head row (d, or d/2 for int4)."""
 
     sample_ids: list[str]
     kv_dtype: str
-    keys: torch.Tensor  # [l, b, h, t, d] stored dtype; zero past each sample's length
-    values: torch.Tensor  # [l, b, h, t, d]
+    keys: torch.Tensor  # [l, b, h, t, w] stored dtype; zero past each sample's length
+    values: torch.Tensor  # [l, b, h, t, w]
     lengths: torch.Tensor  # [b] int64 prefix lengths L
     kv_scale: torch.Tensor | None  # [b, l, 2] fp32 dequantisation scale (K, V) per layer; fp8 only
+    quant: Q.KVQuant | None  # int8/int4 only: (scale, zero) per K channel group / V token group
     hidden: torch.Tensor  # [b, D]
     hist_xyz: torch.Tensor  # [b, 16, 3] ego frame at t0, metres
     hist_rot: torch.Tensor  # [b, 16, 3, 3]
@@ -252,10 +85,24 @@ class KVBatch:
     slot: int
 
 
+@dataclass(frozen=True)
+class _Paired:
+    """An array stored per sample as [l, 2, h, n, w] with n set by the sample's length L, read into two
+    halves [l, b, h, n_max, w] of a slot: kv (K | V), k_quant and v_quant (scale | zero)."""
+
+    name: str
+    dtype: np.dtype
+    torch_dtype: torch.dtype
+    width: int
+    group: int  # rows = ceil(L / group) token groups; 0: one row per token; -1: a single row
+
+    def rows(self, length: int) -> int:
+        return length if self.group == 0 else 1 if self.group < 0 else math.ceil(length / self.group)
+
+
 @dataclass
 class _Slot:
-    kv: torch.Tensor  # flat bytes: keys in the first half, values in the second
-    kv_bytes: np.ndarray  # the same memory as numpy, for preadv
+    paired: dict[str, tuple[torch.Tensor, np.ndarray]]  # flat bytes (first half | second half), as numpy too
     lengths: torch.Tensor
     small: dict[str, torch.Tensor]  # [micro_batch, *shape]; allocated on the first read of that array
 
@@ -265,8 +112,9 @@ class BatchReader:
 
     ``slots=2`` (default): the batch the training step is using plus the one being filled; a prefetcher
     that keeps p batches ready needs p + 1, and one more while a non_blocking host->device copy of a
-    consumed batch may still be in flight. Memory: slots x 2 x l x micro_batch x h x max_len x d x itemsize
-    (441 MB per real-size bf16 sample). Not thread-safe: call ``read`` from one thread (the prefetcher).
+    consumed batch may still be in flight. Memory: slots x 2 x l x micro_batch x h x max_len x w x itemsize
+    (441 MB per real-size bf16 sample), plus int8/int4 scales. Not thread-safe: call ``read`` from one thread.
+    ``group``: the store's int4 group (StoreInfo.kv_group; default ``quant.default_group``).
     """
 
     def __init__(
@@ -281,6 +129,7 @@ class BatchReader:
         threads: int | None = None,
         pin: bool | None = None,
         piece: int = PIECE,
+        group: int | None = None,
     ) -> None:
         if kv_dtype not in _TORCH_DTYPE:
             raise UserError(f"kv dtype must be one of {tuple(_TORCH_DTYPE)}, got {kv_dtype!r}")
@@ -288,17 +137,29 @@ class BatchReader:
             raise UserError("BatchReader dimensions, slots and piece must all be >= 1")
         self.dims = (layers, micro_batch, kv_heads, max_len, head_dim)
         self.kv_dtype = kv_dtype
+        self.group = Q.default_group(kv_dtype, head_dim) if group is None else group
         self.disk_dtype = F.disk_dtype(kv_dtype)
         self.threads = threads or default_threads()
         self.piece = piece
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.small_names = SMALL_ARRAYS + ((F.KV_SCALE,) if kv_dtype == "fp8" else ())
-        self._half = layers * micro_batch * kv_heads * max_len * head_dim * self.disk_dtype.itemsize
+        width = Q.code_width(head_dim, kv_dtype)
+        self.paired = [_Paired(F.KV, self.disk_dtype, _TORCH_DTYPE[kv_dtype], width, 0)]
+        if kv_dtype in Q.INT_BITS:
+            Q.check_dims(kv_dtype, head_dim, self.group)
+            half, key_group = np.dtype(np.float16), self.group or -1
+            nv = Q.value_groups(head_dim, self.group)
+            self.paired.append(_Paired(F.K_QUANT, half, torch.float16, head_dim, key_group))
+            self.paired.append(_Paired(F.V_QUANT, half, torch.float16, nv, 0))
         self._slots = [self._new_slot() for _ in range(slots)]
         self._small_specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._next = 0
         self._pool: ThreadPoolExecutor | None = None  # created on first use, so a fork before that is safe
         self._logged: set[tuple[str, str]] = set()
+
+    def _half_bytes(self, p: _Paired) -> int:
+        layers, micro_batch, heads, max_len, _ = self.dims
+        return layers * micro_batch * heads * p.rows(max_len) * p.width * p.dtype.itemsize
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.pin:
@@ -306,8 +167,11 @@ class BatchReader:
         return torch.zeros(shape, dtype=dtype)  # zeros touches every page now, not on the first read
 
     def _new_slot(self) -> _Slot:
-        kv = self._alloc((2 * self._half,), torch.uint8)
-        return _Slot(kv, kv.numpy(), self._alloc((self.dims[1],), torch.int64), {})
+        paired = {}
+        for p in self.paired:
+            flat = self._alloc((2 * self._half_bytes(p),), torch.uint8)
+            paired[p.name] = (flat, flat.numpy())
+        return _Slot(paired, self._alloc((self.dims[1],), torch.int64), {})
 
     def close(self) -> None:
         if self._pool is not None:
@@ -322,7 +186,7 @@ class BatchReader:
 
     def read(self, samples: Sequence[tuple[Path, str, int]]) -> KVBatch:
         """Read ``samples`` = [(sample_dir, sample_id, length L), ...] into the next ring slot."""
-        layers, micro_batch, heads, max_len, dim = self.dims
+        layers, micro_batch, heads, max_len, _ = self.dims
         if not 1 <= len(samples) <= micro_batch:
             raise UserError(
                 f"a batch holds 1..{micro_batch} samples (the reader's micro_batch), got {len(samples)}"
@@ -334,38 +198,45 @@ class BatchReader:
             )
         slot = self._slots[self._next]
         index, self._next = self._next, (self._next + 1) % len(self._slots)
-        b, isz = len(samples), self.disk_dtype.itemsize
-        n = layers * b * heads * longest * dim  # elements of keys (and of values) in this batch
-        keys_bytes = slot.kv_bytes[: n * isz]
-        values_bytes = slot.kv_bytes[self._half : self._half + n * isz]
-        keys = slot.kv[: n * isz].view(_TORCH_DTYPE[self.kv_dtype]).view(layers, b, heads, longest, dim)
-        values = slot.kv[self._half : self._half + n * isz].view(keys.dtype).view(keys.shape)
-
-        tasks: list[Callable[[], None]] = []
-        for j, (sample_dir, sample_id, length) in enumerate(samples):
-            sample_dir = Path(sample_dir)
-            if not sample_dir.is_dir():
+        for sample_dir, sample_id, _ in samples:
+            if not Path(sample_dir).is_dir():
                 raise UserError(f"sample {sample_id} is not committed ({sample_dir} does not exist)")
-            if length < longest:  # only the pad region: the rest is overwritten by this read
-                keys[:, j, :, length:].zero_()
-                values[:, j, :, length:].zero_()
-            row = (keys_bytes, values_bytes, j, b, length, longest)
-            tasks += self._kv_tasks(sample_dir, sample_id, row)
+        b = len(samples)
+        views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        tasks: list[Callable[[], None]] = []
+        for p in self.paired:
+            flat, flat_bytes = slot.paired[p.name]
+            half, rows = self._half_bytes(p), p.rows(longest)
+            count = layers * b * heads * rows * p.width * p.dtype.itemsize  # bytes of each half in this batch
+            first = flat[:count].view(p.torch_dtype).view(layers, b, heads, rows, p.width)
+            second = flat[half : half + count].view(p.torch_dtype).view(first.shape)
+            views[p.name] = (first, second)
+            for j, (sample_dir, sample_id, length) in enumerate(samples):
+                if p.rows(length) < rows:  # only the pad region: the rest is overwritten by this read
+                    first[:, j, :, p.rows(length) :].zero_()
+                    second[:, j, :, p.rows(length) :].zero_()
+                placement = (flat_bytes[:count], flat_bytes[half : half + count], j, b, length, longest)
+                tasks += self._paired_tasks(p, Path(sample_dir), sample_id, placement)
+        for j, (sample_dir, sample_id, _) in enumerate(samples):
             for name in self.small_names:
-                tasks.append(self._small_task(slot, sample_dir, sample_id, name, j))
+                tasks.append(self._small_task(slot, Path(sample_dir), sample_id, name, j))
         self._run(tasks)
         slot.lengths[:b] = torch.as_tensor([length for _, _, length in samples])
 
         def small(name: str) -> torch.Tensor:
             return slot.small[name][:b]
 
+        quant = None
+        if F.K_QUANT in views:
+            quant = Q.KVQuant(self.kv_dtype, self.group, *views[F.K_QUANT], *views[F.V_QUANT])
         return KVBatch(
             sample_ids=[sample_id for _, sample_id, _ in samples],
             kv_dtype=self.kv_dtype,
-            keys=keys,
-            values=values,
+            keys=views[F.KV][0],
+            values=views[F.KV][1],
             lengths=slot.lengths[:b],
             kv_scale=small(F.KV_SCALE) if self.kv_dtype == "fp8" else None,
+            quant=quant,
             hidden=small(F.HIDDEN),
             hist_xyz=small(F.HIST_XYZ),
             hist_rot=small(F.HIST_ROT),
@@ -401,7 +272,7 @@ class BatchReader:
         if isinstance(plan, ChunkPlan):
             whole = plan.chunk_shape == plan.shape
             by_layer = (
-                name == F.KV
+                any(name == p.name for p in self.paired)
                 and plan.chunk_shape[1:] == plan.shape[1:]
                 and plan.shape[0] % plan.chunk_shape[0] == 0
             )
@@ -421,40 +292,43 @@ class BatchReader:
             raise _corrupt(sample_id, f"{name}/zarr.json is malformed ({exc})") from None
         return shape, dtype, None
 
-    def _kv_tasks(self, sample_dir: Path, sample_id: str, row: tuple) -> list[Callable[[], None]]:
-        keys_bytes, values_bytes, j, b, length, longest = row
-        layers, _, heads, _, dim = self.dims
-        shape, dtype, plan = self._describe(sample_dir / F.KV, sample_id, F.KV)
-        if shape != (layers, 2, heads, length, dim) or dtype != self.disk_dtype:
-            expected = (
-                f"{self.disk_dtype}{[layers, 2, heads, length, dim]} (kv dtype {self.kv_dtype}, L={length})"
-            )
-            raise _corrupt(sample_id, f"kv is {dtype}{list(shape)} on disk, expected {expected}")
+    def _paired_tasks(
+        self, p: _Paired, sample_dir: Path, sample_id: str, placement: tuple
+    ) -> list[Callable[[], None]]:
+        """Tasks that read one sample's [l, 2, h, n, w] array into its row of the two halves."""
+        first_bytes, second_bytes, j, b, length, longest = placement
+        layers, _, heads, _, _ = self.dims
+        n, n_max = p.rows(length), p.rows(longest)
+        shape, dtype, plan = self._describe(sample_dir / p.name, sample_id, p.name)
+        if shape != (layers, 2, heads, n, p.width) or dtype != p.dtype:
+            expected = f"{p.dtype}{[layers, 2, heads, n, p.width]} (kv dtype {self.kv_dtype}, L={length})"
+            raise _corrupt(sample_id, f"{p.name} is {dtype}{list(shape)} on disk, expected {expected}")
         isz = dtype.itemsize
-        head_bytes, token_stride = length * dim * isz, longest * dim * isz  # one head's rows; its stride
+        head_bytes, row_stride = n * p.width * isz, n_max * p.width * isz  # one head's rows; its stride
 
         def segments(first: int, stop: int) -> list[np.ndarray]:
-            """Destinations of layers [first, stop) in file order: per layer K heads then V heads."""
+            """Destinations of layers [first, stop) in file order: per layer the first half's heads, then
+            the second half's."""
             out = []
             for layer in range(first, stop):
-                start = ((layer * b + j) * heads) * token_stride
-                for half in (keys_bytes, values_bytes):
-                    if length == longest:  # all heads of this sample are adjacent: one segment
+                start = ((layer * b + j) * heads) * row_stride
+                for half in (first_bytes, second_bytes):
+                    if n == n_max:  # all heads of this sample are adjacent: one segment
                         out.append(half[start : start + heads * head_bytes])
                     else:
-                        out += [half[start + hh * token_stride :][:head_bytes] for hh in range(heads)]
+                        out += [half[start + hh * row_stride :][:head_bytes] for hh in range(heads)]
             return out
 
         if plan is None:
-            return [partial(self._zarr_read, sample_dir / F.KV, sample_id, F.KV, segments(0, layers))]
+            return [partial(self._zarr_read, sample_dir / p.name, sample_id, p.name, segments(0, layers))]
         per_chunk = plan.chunk_shape[0]
         return [
             partial(
                 read_chunk,
-                sample_dir / F.KV / chunk,
+                sample_dir / p.name / chunk,
                 segments(c * per_chunk, (c + 1) * per_chunk),
                 sample_id=sample_id,
-                array=F.KV,
+                array=p.name,
                 piece=self.piece,
             )
             for c, chunk in enumerate(plan.chunk_names)

@@ -4,12 +4,16 @@
 <store>/
   zarr.json                    root group; attributes["alpamayo_cache"] = StoreInfo (versions, fingerprint)
   samples/<sample_id>/         one committed sample = one zarr group (present here = committed)
-    kv        [l, 2, h, L, d]  keys (0) and values (1) per VLM layer, one chunk per layer:
-                               bf16 bits as uint16 | fp32 | fp8 e4m3 bytes as uint8
+    kv        [l, 2, h, L, w]  keys (0) and values (1) per VLM layer, one chunk per layer:
+                               bf16 bits as uint16 | fp32 | fp8 e4m3 bytes as uint8 | int8 codes as uint8
+                               | int4 codes packed two per byte (w = d/2; w = d otherwise)
     kv_scale  [l, 2]           fp8 only: per-layer, per K|V dequantisation scale
     kv_uncond [l, 2, h, S, d]  routed samples only: K/V of the prompt WITHOUT its route from the first
                                token that differs (route_start) on; the tokens before it are bit-identical
                                to kv's and are not stored twice (fp8: encoded with kv's scales)
+    k_quant   [l, 2, h, nk, d] int8/int4 only: float16 (scale, zero) per key channel and token group
+    v_quant   [l, 2, h, L, nv] int8/int4 only: float16 (scale, zero) per value token and channel group
+                               (store/quant.py: nk = 1 and nv = 1 for int8, groups of StoreInfo.kv_group for int4)
     hidden    [D]              VLM last hidden state (after the final norm) at <|traj_future_start|>
     hist_xyz [16,3] hist_rot [16,3,3] fut_xyz [64,3] fut_rot [64,3,3] action [64,2]   float32, ego frame
     thumbs    [c, 48, 80, 3]   uint8 camera thumbnails (last frame of each camera) for plots
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -40,6 +45,7 @@ import numpy as np
 
 from alpamayo_cache.configs import KV_DTYPES
 from alpamayo_cache.errors import UserError
+from alpamayo_cache.store import quant as Q
 
 # v2: inputs bit-exact with the release's inference path (history tokens, ego frame, pixels).
 LAYOUT_VERSION = 2
@@ -54,6 +60,8 @@ ROOT_ENTRIES = {"zarr.json", SAMPLES_DIR, STAGING_DIR, QUARANTINE_DIR, FAILURES_
 KV = "kv"
 KV_SCALE = "kv_scale"
 KV_UNCOND = "kv_uncond"
+K_QUANT = "k_quant"
+V_QUANT = "v_quant"
 HIDDEN = "hidden"
 HIST_XYZ = "hist_xyz"
 HIST_ROT = "hist_rot"
@@ -68,7 +76,7 @@ THUMB_SIZE = (48, 80)
 FRONT_IMAGE = "front_image"
 FRONT_IMAGE_SIZE = (180, 320)
 TRUTH_ARRAYS = (HIST_XYZ, HIST_ROT, FUT_XYZ, FUT_ROT, ACTION)
-KV_ITEMSIZE = {"bf16": 2, "fp32": 4, "fp8": 1}
+KV_ITEMSIZE = {"bf16": 2, "fp32": 4, "fp8": 1, "int8": 1, "int4": 1}  # bytes per stored element
 
 # Ids become folder names: letters, digits, '.', '_', '-', at most 200 characters, never '.' or '..'.
 SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
@@ -113,6 +121,7 @@ class StoreInfo:
 
     # What else shaped the features: the routes' digest (None: no routes). Empty for R1 stores.
     inputs: dict[str, Any] = field(default_factory=dict)
+    kv_group: int = 0  # int4: tokens per K group = channels per V group (store/quant.py); else 0
 
     @staticmethod
     def compute_fingerprint(
@@ -122,10 +131,12 @@ class StoreInfo:
         kv_dtype: str,
         compute_dtype: str,
         inputs: dict[str, Any] | None = None,
+        kv_group: int = 0,
     ) -> str:
         """The model config carries the prompt layout (release, camera/frame labels, history tokens,
         route format), so stores of different releases never share a fingerprint; ``inputs`` adds what
-        else the features depend on (e.g. the routes), left out when empty so R1 fingerprints stay."""
+        else the features depend on (e.g. the routes) and ``kv_group`` the int4 grouping; both are left
+        out when empty so other stores' fingerprints stay as they were."""
         payload: dict[str, Any] = {
             "layout": LAYOUT_VERSION,
             "model": model_identity,
@@ -137,6 +148,8 @@ class StoreInfo:
         }
         if inputs:
             payload["inputs"] = inputs
+        if kv_group:
+            payload["kv_group"] = kv_group
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,9 +276,23 @@ def create_array(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...
 
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+    """Bytes of K/V codes per prefix token (int8/int4 scales come on top: ``sample_bytes``)."""
     if kv_dtype not in KV_ITEMSIZE:
         raise UserError(f"--kv-dtype must be one of {KV_DTYPES}")
-    return num_layers * 2 * kv_heads * head_dim * KV_ITEMSIZE[kv_dtype]
+    return num_layers * 2 * kv_heads * Q.code_width(head_dim, kv_dtype) * KV_ITEMSIZE[kv_dtype]
+
+
+def kv_array_shapes(
+    layers: int, kv_heads: int, head_dim: int, length: int, kv_dtype: str, group: int
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the K/V arrays a sample of ``length`` tokens stores in ``kv_dtype``."""
+    shapes = {KV: (layers, 2, kv_heads, length, Q.code_width(head_dim, kv_dtype))}
+    if kv_dtype == "fp8":
+        shapes[KV_SCALE] = (layers, 2)
+    if kv_dtype in Q.INT_BITS:
+        shapes[K_QUANT] = (layers, 2, kv_heads, Q.key_groups(length, group), head_dim)
+        shapes[V_QUANT] = (layers, 2, kv_heads, length, Q.value_groups(head_dim, group))
+    return shapes
 
 
 def sample_bytes(
@@ -285,12 +312,15 @@ def sample_bytes(
         return -(-n // block) * block
 
     crc = 4
-    kv_chunk = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype) // layers * length + crc
     arrays = [hidden * 4, 16 * 3 * 4, 16 * 9 * 4, 64 * 3 * 4, 64 * 9 * 4, 64 * 2 * 4]
     arrays.append(cameras * THUMB_SIZE[0] * THUMB_SIZE[1] * 3)
+    shapes = kv_array_shapes(
+        layers, kv_heads, head_dim, length, kv_dtype, Q.default_group(kv_dtype, head_dim)
+    )
+    kv_chunk = math.prod(shapes[KV][1:]) * KV_ITEMSIZE[kv_dtype] + crc  # one chunk file per layer
     arrays.append(FRONT_IMAGE_SIZE[0] * FRONT_IMAGE_SIZE[1] * 3)
-    if kv_dtype == "fp8":
-        arrays.append(layers * 2 * 4)
+    arrays += [math.prod(shapes[name]) * 4 for name in (KV_SCALE,) if name in shapes]  # float32
+    arrays += [math.prod(shapes[name]) * 2 for name in (K_QUANT, V_QUANT) if name in shapes]  # float16
     n_arrays = len(arrays) + 1  # + kv
     metadata = (n_arrays + 1) * on_disk(900)  # a zarr.json per array (~600 B) and the group's (~800 B)
     folders = (n_arrays + 1) * block
@@ -299,7 +329,8 @@ def sample_bytes(
 
 def encode_kv(kv: Any, kv_dtype: str, scale: Any | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """torch [l, 2, h, L, d] -> (bits for disk, per-(layer, K|V) scale for fp8 or None). fp8 with a given
-    ``scale`` [l, 2] (an unguided suffix shares its sample's scales) saturates at e4m3's range."""
+    ``scale`` [l, 2] (an unguided suffix shares its sample's scales) saturates at e4m3's range.
+    bf16 | fp32 | fp8 only; ``encode_kv_arrays`` covers every dtype."""
     import torch
 
     if kv_dtype == "fp8" and scale is not None:
@@ -320,14 +351,26 @@ def encode_kv(kv: Any, kv_dtype: str, scale: Any | None = None) -> tuple[np.ndar
     raise UserError(f"--kv-dtype must be one of {KV_DTYPES}")
 
 
+def encode_kv_arrays(kv: Any, kv_dtype: str, group: int | None = None) -> dict[str, np.ndarray]:
+    """torch [l, 2, h, L, d] -> every K/V array of ``kv_dtype`` for disk, encoded on kv's own device
+    (quantisation runs on the GPU in precompute; only the small result crosses to the host)."""
+    if kv_dtype in Q.INT_BITS:
+        group = Q.default_group(kv_dtype, kv.shape[-1]) if group is None else group
+        codes, k_quant, v_quant = Q.quantize(kv, kv_dtype, group)
+        return {KV: codes.cpu().numpy(), K_QUANT: k_quant.cpu().numpy(), V_QUANT: v_quant.cpu().numpy()}
+    bits, scale = encode_kv(kv, kv_dtype)
+    return {KV: bits} if scale is None else {KV: bits, KV_SCALE: scale}
+
+
 def disk_dtype(kv_dtype: str) -> np.dtype:
-    """numpy dtype of the stored K/V bits (zarr has no bfloat16 or float8)."""
-    return np.dtype({"bf16": np.uint16, "fp32": np.float32, "fp8": np.uint8}[kv_dtype])
+    """numpy dtype of the stored K/V bits (zarr has no bfloat16, float8 or int4)."""
+    return np.dtype({"bf16": np.uint16, "fp32": np.float32}.get(kv_dtype, np.uint8))
 
 
 def dequantize(x: Any, scale: Any | None, dtype: Any) -> Any:
     """Stored K or V [b, h, t, d] -> ``dtype`` on its own device. ``scale`` [b] (fp8: one per sample,
-    layer and K|V) multiplies in float32 before the cast, so no precision is lost on the way."""
+    layer and K|V) multiplies in float32 before the cast, so no precision is lost on the way.
+    int8/int4 codes go through ``quant.KVQuant.dequantize`` instead."""
     if scale is None:
         return x.to(dtype)
     return (x.float() * scale.float()[:, None, None, None]).to(dtype)

@@ -1,8 +1,8 @@
 """Reading committed samples back, refusing damaged data by name.
 
 ``StoreReader.read`` returns one sample: K/V as torch tensors in their *stored* precision (bf16, fp32,
-or fp8 e4m3 with its scales: dequantisation happens on the compute device, in the model) and the
-ground truth. Corrupt bytes fail the crc32c check; a missing chunk (zarr would return zeros) is
+fp8 e4m3 with its scales, int8/int4 codes with their (scale, zero) arrays: dequantisation happens on the
+compute device, in the model) and the ground truth. Corrupt bytes fail the crc32c check; a missing chunk (zarr would return zeros) is
 caught by counting initialised chunks. Either raises ``CorruptSample`` naming the sample.
 The training hot loop reads whole batches through ``store.fast_read`` instead (same bytes).
 The front-camera image (rewards) is read only when asked: ``read(sample_id, front=True)``.
@@ -21,6 +21,7 @@ import torch
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.store import format as F
 from alpamayo_cache.store.format import CorruptSample
+from alpamayo_cache.store.quant import INT_BITS
 
 __all__ = ["CachedSample", "CorruptSample", "StoreReader", "kv_tensor"]
 
@@ -41,6 +42,11 @@ class CachedSample:
     uncond_keys: torch.Tensor | None = None
     uncond_values: torch.Tensor | None = None
     front_image: torch.Tensor | None = None  # uint8 [H, W, 3] when read with front=True and stored
+    # int8/int4 stores: k_quant [l, 2, h, nk, d], v_quant [l, 2, h, L, nv] float16 (scale, zero); else None
+    k_quant: torch.Tensor | None = None
+    v_quant: torch.Tensor | None = None
+    kv_dtype: str = ""
+    kv_group: int = 0
 
 
 def kv_tensor(bits: np.ndarray, kv_dtype: str) -> torch.Tensor:
@@ -50,7 +56,7 @@ def kv_tensor(bits: np.ndarray, kv_dtype: str) -> torch.Tensor:
         return t.view(torch.int16).view(torch.bfloat16)
     if kv_dtype == "fp8":
         return t.view(torch.float8_e4m3fn)
-    return t
+    return t  # fp32, or int8/int4 codes as uint8
 
 
 class StoreReader:
@@ -131,32 +137,63 @@ class StoreReader:
         """Whether every sample holds a front-camera image (stores made before issue 16 do not)."""
         return self.info.front_image_hw is not None
 
-    def read(self, sample_id: str, front: bool = False) -> CachedSample:
-        """One sample; ``front`` adds its front-camera image (None if the store has none)."""
-        info = self.sample_info(sample_id)
-        names = [F.KV, F.HIDDEN, *F.TRUTH_ARRAYS]
+    def kv_names(self) -> list[str]:
+        """The K/V arrays of this store's dtype (kv, plus fp8 scales or int8/int4 scale arrays)."""
         if self.info.kv_dtype == "fp8":
-            names.append(F.KV_SCALE)
-        if front and self.has_front_images:
-            names.append(F.FRONT_IMAGE)
-        if info.route_start >= 0:  # a few dozen tokens: always read with the sample
-            names.append(F.KV_UNCOND)
-        arrays = self.arrays(sample_id, names)
-        kv = kv_tensor(arrays[F.KV], self.info.kv_dtype)
-        if kv.shape[3] != info.length:
-            raise CorruptSample(
-                f"sample {sample_id}: kv holds {kv.shape[3]} tokens, metadata says L={info.length}"
-            )
+            return [F.KV, F.KV_SCALE]
+        if self.info.kv_dtype in INT_BITS:
+            return [F.KV, F.K_QUANT, F.V_QUANT]
+        return [F.KV]
 
-        def t(name: str) -> torch.Tensor:
-            return torch.from_numpy(arrays[name])
+    def extra_names(self, info: F.SampleInfo, front: bool) -> list[str]:
+        """The small arrays beside K/V and truth: a routed sample's unguided suffix (always: a few dozen
+        tokens) and, when asked, the front-camera image."""
+        names = [F.KV_UNCOND] if info.route_start >= 0 else []
+        return names + ([F.FRONT_IMAGE] if front and self.has_front_images else [])
 
+    def extras(self, sample_id: str, front: bool = False) -> dict[str, torch.Tensor | None]:
+        """``read``'s uncond_keys / uncond_values / front_image of one sample, without its K/V (the fast
+        batch path reads K/V itself)."""
+        info = self.sample_info(sample_id)
+        return self._extras(sample_id, info, self.arrays(sample_id, self.extra_names(info, front)))
+
+    def _extras(self, sample_id: str, info: F.SampleInfo, arrays: dict) -> dict[str, torch.Tensor | None]:
         uncond = kv_tensor(arrays[F.KV_UNCOND], self.info.kv_dtype) if F.KV_UNCOND in arrays else None
         if uncond is not None and info.route_start + uncond.shape[3] != info.uncond_length:
             raise CorruptSample(
                 f"sample {sample_id}: kv_uncond holds {uncond.shape[3]} tokens after {info.route_start}, "
                 f"metadata says {info.uncond_length} in all"
             )
+        front = torch.from_numpy(arrays[F.FRONT_IMAGE]) if F.FRONT_IMAGE in arrays else None
+        return {
+            "uncond_keys": None if uncond is None else uncond[:, 0],
+            "uncond_values": None if uncond is None else uncond[:, 1],
+            "front_image": front,
+        }
+
+    def read(self, sample_id: str, front: bool = False) -> CachedSample:
+        """One sample; ``front`` adds its front-camera image (None if the store has none)."""
+        info = self.sample_info(sample_id)
+        names = [*self.kv_names(), F.HIDDEN, *F.TRUTH_ARRAYS, *self.extra_names(info, front)]
+        arrays = self.arrays(sample_id, names)
+        kv = kv_tensor(arrays[F.KV], self.info.kv_dtype)
+        if kv.shape[3] != info.length:
+            raise CorruptSample(
+                f"sample {sample_id}: kv holds {kv.shape[3]} tokens, metadata says L={info.length}"
+            )
+        head_dim = int(arrays[F.K_QUANT].shape[-1]) if F.K_QUANT in arrays else 0
+        expected = F.kv_array_shapes(
+            kv.shape[0], kv.shape[2], head_dim, info.length, self.info.kv_dtype, self.info.kv_group
+        )
+        for name in (F.K_QUANT, F.V_QUANT):
+            if name in arrays and tuple(arrays[name].shape) != expected[name]:
+                raise CorruptSample(
+                    f"sample {sample_id}: {name} is {list(arrays[name].shape)}, expected {list(expected[name])} "
+                    f"for L={info.length}; run `alpamayo-cache repair {self.root}`"
+                )
+
+        def t(name: str) -> torch.Tensor:
+            return torch.from_numpy(arrays[name])
 
         return CachedSample(
             info=info,
@@ -169,9 +206,11 @@ class StoreReader:
             fut_xyz=t(F.FUT_XYZ),
             fut_rot=t(F.FUT_ROT),
             action=t(F.ACTION),
-            uncond_keys=None if uncond is None else uncond[:, 0],
-            uncond_values=None if uncond is None else uncond[:, 1],
-            front_image=t(F.FRONT_IMAGE) if F.FRONT_IMAGE in arrays else None,
+            k_quant=t(F.K_QUANT) if F.K_QUANT in arrays else None,
+            v_quant=t(F.V_QUANT) if F.V_QUANT in arrays else None,
+            kv_dtype=self.info.kv_dtype,
+            kv_group=self.info.kv_group,
+            **self._extras(sample_id, info, arrays),
         )
 
     def thumbnails(self, sample_id: str) -> np.ndarray:

@@ -7,12 +7,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.runtime import log
 from alpamayo_cache.store import format as F
+from alpamayo_cache.store.quant import INT_BITS, code_width
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.store.writer import read_failures
 
@@ -29,12 +29,22 @@ class VerifyReport:
 
 
 def _check_sample(reader: StoreReader, sample_id: str, text_cfg: dict) -> F.SampleInfo:
-    s = reader.read(sample_id)
-    expected = (text_cfg["num_layers"], text_cfg["num_kv_heads"], s.info.length, text_cfg["head_dim"])
+    s = reader.read(sample_id)  # int8/int4 scale arrays are shape-checked against L by the reader
+    width = code_width(text_cfg["head_dim"], reader.info.kv_dtype)
+    expected = (text_cfg["num_layers"], text_cfg["num_kv_heads"], s.info.length, width)
     if tuple(s.keys.shape) != expected:
         raise UserError(f"kv shape {tuple(s.keys.shape)} != {expected}")
-    for name in ("hidden", "hist_xyz", "hist_rot", "fut_xyz", "fut_rot", "action"):
-        if not np.isfinite(getattr(s, name).numpy()).all():
+    if (
+        reader.info.kv_dtype in INT_BITS
+        and s.k_quant is not None
+        and s.k_quant.shape[-1] != text_cfg["head_dim"]
+    ):
+        raise UserError(
+            f"k_quant shape {tuple(s.k_quant.shape)} does not match head dim {text_cfg['head_dim']}"
+        )
+    for name in ("hidden", "hist_xyz", "hist_rot", "fut_xyz", "fut_rot", "action", "k_quant", "v_quant"):
+        value = getattr(s, name)
+        if value is not None and not torch.isfinite(value).all():
             raise UserError(f"{name} has non-finite values")
     for name in ("keys", "values"):
         if not torch.isfinite(getattr(s, name).float()).all():

@@ -29,6 +29,7 @@ from alpamayo_cache.train.feed import batch_stream, noise_generator
 from alpamayo_cache.train.objectives import check_store, make_objective
 from alpamayo_cache.train.plan import GIB, plan_for
 from alpamayo_cache.train.setup import Setup, build, check_init, choose_device, export_head, select_samples
+from alpamayo_cache.train.throughput import throughput
 from alpamayo_cache.train.validation import validation_loss
 
 
@@ -78,7 +79,8 @@ def plan_check(
     checkpointing: bool,
 ):
     longest = max(reader.sample_info(s).length for s in train_ids)
-    plan = plan_for(cfg, store_cfg, longest, device, optimizer, checkpointing, reader.info.kv_dtype)
+    rate = throughput(cfg, store_cfg, reader.sample_dir(train_ids[0]), device)
+    plan = plan_for(cfg, store_cfg, longest, device, optimizer, checkpointing, reader.info.kv_dtype, rate)
     log.info(plan.describe(cfg.gpu_memory_gb))
     if cfg.dry_run and plan.memory.total > cfg.gpu_memory_gb * GIB:
         raise UserError(
@@ -102,7 +104,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     check_init(cfg, reader, store_cfg)
     check_store(cfg, reader)
     device, optimizer_name, checkpointing = choose_device(cfg)
-    plan_check(cfg, reader, store_cfg, train_ids, device, optimizer_name, checkpointing)
+    plan = plan_check(cfg, reader, store_cfg, train_ids, device, optimizer_name, checkpointing)
     if cfg.dry_run:
         return TrainResult(run_dir, [], [], None, 0)
     from accelerate import Accelerator
@@ -117,7 +119,18 @@ def run(cfg: TrainConfig) -> TrainResult:
         if rank != 0 and cfg.resume:
             resume_from = C.latest_checkpoint(run_dir)
         setup = build(cfg, reader, store_cfg, str(accelerator.device), optimizer_name, checkpointing)
-        return _train(cfg, accelerator, setup, reader, store_cfg, train_ids, val_ids, run_dir, resume_from)
+        return _train(
+            cfg,
+            accelerator,
+            setup,
+            reader,
+            store_cfg,
+            train_ids,
+            val_ids,
+            run_dir,
+            resume_from,
+            plan.prefetch,
+        )
     except BaseException:
         if lock is not None and not cfg.resume:
             C.discard_if_empty(run_dir)  # a fresh run that failed before its first checkpoint leaves nothing
@@ -151,7 +164,7 @@ def _resume_or_start(
 
 
 def _train(
-    cfg, accelerator, setup: Setup, reader, store_cfg, train_ids, val_ids, run_dir, resume_from
+    cfg, accelerator, setup: Setup, reader, store_cfg, train_ids, val_ids, run_dir, resume_from, prefetch
 ) -> TrainResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     state = _resume_or_start(cfg, setup, run_dir, resume_from, store_cfg, rank, world)
@@ -163,7 +176,7 @@ def _train(
     front = getattr(objective, "reads_front", False)  # the rewards' images: read only when needed
     dataset = CachedFeatures(cfg.store, train_ids, reader, front=front)
     val_set = CachedFeatures(cfg.store, val_ids, reader) if (val_ids and rank == 0) else None
-    batches = batch_stream(dataset, cfg, state, rank, world, pin=setup.device.startswith("cuda"))
+    batches = batch_stream(dataset, cfg, state, rank, world, setup.device, prefetch)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     result = TrainResult(run_dir, [], [], None, state.step)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, state.step + cfg.stop_after)
@@ -173,7 +186,7 @@ def _train(
     status: dict[str, str] = {}
     wall = waited = 0.0
     last_val: float | None = None
-    with StopRequest() as stop:
+    with StopRequest() as stop, batches:  # closing the feed stops its reader thread
         for _ in progress(range(state.step, end), end - state.step, "train", unit="steps", status=status):
             record = _step(cfg, accelerator, model, optimizer, setup, objective, batches, world)
             state.step += 1

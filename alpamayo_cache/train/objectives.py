@@ -1,7 +1,8 @@
 """Training objectives: what one micro-batch's loss is. The loop calls ``objective.loss`` and logs the
 extra numbers it returns next to the loss.
 
-- ``fm``: flow matching towards the logged trajectory (the release's training objective).
+- ``fm``: flow matching towards the logged trajectory (the release's training objective), with
+  ``--draws-per-sample`` (t, noise) draws per loaded prefix folded into one forward pass.
 - ``awr``: fm plus advantage-weighted regression towards the best of K own samples (train/awr.py).
 
 An objective with ``reads_front = True`` gets the front-camera images in its batches.
@@ -40,7 +41,7 @@ class FlowMatching:
 
 def make_objective(cfg: TrainConfig) -> Objective:
     if cfg.objective == "fm":
-        return FlowMatching()
+        return FlowMatching(draws=cfg.draws_per_sample)
     if cfg.objective == "awr":
         from alpamayo_cache.train.awr import RewardWeighted
 

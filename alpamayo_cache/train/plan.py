@@ -1,5 +1,6 @@
 """The plan of a training run: memory of one step and disk of its checkpoints, from the model
-dimensions and the options, with a verdict against the GPU memory the user has.
+dimensions and the options, with a verdict against the GPU memory the user has; and its throughput
+(read probe vs compute, the active bound, samples/s, wall time: ``train/throughput.py``).
 
 Memory of one step:
 
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 from alpamayo_cache.config import ModelConfig
 from alpamayo_cache.runtime import human_bytes
+from alpamayo_cache.train.throughput import Throughput
 
 GIB = 1024**3
 CUDA_OVERHEAD = 1 * GIB  # only counted for CUDA plans
@@ -184,6 +186,12 @@ class TrainPlan:
     peak_disk_bytes: int  # kept checkpoints + the best + the one being written
     where: str  # "GPU" or "CPU RAM"
     summary: str
+    throughput: Throughput | None = None
+
+    @property
+    def prefetch(self) -> int | None:
+        """Batches the feed reads ahead (None: the feed's default)."""
+        return None if self.throughput is None else self.throughput.prefetch
 
     def describe(self, budget_gb: float) -> str:
         fits = self.memory.total <= budget_gb * GIB
@@ -196,6 +204,7 @@ class TrainPlan:
             f"plan ({self.summary}):\n{self.memory.table()}\n"
             f"  verdict: {self.where} memory {verdict}\n"
             f"  disk: {human_bytes(self.checkpoint_bytes)} per checkpoint, {human_bytes(self.peak_disk_bytes)} peak"
+            + ("" if self.throughput is None else "\n" + self.throughput.describe())
         )
 
 
@@ -207,11 +216,12 @@ def plan_for(
     optimizer: str,
     checkpointing: bool,
     kv_dtype: str,
+    throughput: Throughput | None = None,
 ) -> TrainPlan:
     """The plan of ``train_cfg`` (a TrainConfig) on ``device`` for prefixes of ``prefix_len`` tokens."""
     cuda = device.startswith("cuda")
     param_bytes = 2 if cuda or train_cfg.dtype == "bf16" else 4
-    kv_itemsize = {"bf16": 2, "fp32": 4, "fp8": 1}.get(kv_dtype, 2)
+    kv_itemsize = {"bf16": 2, "fp32": 4, "fp8": 1, "int8": 1, "int4": 1}.get(kv_dtype, 2)
     awr = getattr(train_cfg, "objective", "fm") == "awr"  # + the logged target and K sampled draws
     mem = plan(
         model, prefix_len, train_cfg.micro_batch, train_cfg.scope, optimizer, checkpointing,
@@ -230,4 +240,5 @@ def plan_for(
         f"checkpointing {'on' if checkpointing else 'off'}, K/V {kv_dtype}"
         + (f", awr K={train_cfg.awr_samples}" if awr else "")
     )
-    return TrainPlan(mem, one, one * (train_cfg.keep_checkpoints + 2), "GPU" if cuda else "CPU RAM", summary)
+    where = "GPU" if cuda else "CPU RAM"
+    return TrainPlan(mem, one, one * (train_cfg.keep_checkpoints + 2), where, summary, throughput)
