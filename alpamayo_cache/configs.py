@@ -18,6 +18,8 @@ PROMPT_MODES = ("traj-only", "reasoning")
 KV_DTYPES = ("bf16", "fp32", "fp8")
 SCOPES = ("all", "heads", "lora")
 OBJECTIVES = ("fm",)
+# accelerate's tracker names (accelerate.utils.LoggerType); each needs its own package installed.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 DEVICE_HELP = "auto (CUDA if present) | cpu | cuda | cuda:N."
 
 
@@ -134,9 +136,17 @@ class TrainConfig:
     )
     overwrite: bool = option(False, help="Start the run folder over (only a folder this program made).")
     dry_run: bool = option(False, help="Print the memory and disk plan; refuse one that does not fit.")
+    trackers: tuple[str, ...] = option(
+        ("tensorboard",),
+        flag="--tracker",
+        help="Experiment trackers via accelerate, logging metrics.jsonl's numbers under <run>/tracking "
+        "(tensorboard | wandb | mlflow | ...; repeatable); --set trackers= turns tracking off.",
+    )
 
     def __post_init__(self) -> None:
         _choice(self.scope, SCOPES, "--train")
+        for tracker in self.trackers:
+            _choice(tracker, TRACKERS, "--tracker")
         _choice(self.objective, OBJECTIVES, "--objective")
         _choice(self.optimizer, ("auto", "adamw", "adamw8bit"), "--optimizer")
         _choice(self.checkpointing, ("auto", "on", "off"), "--checkpointing")
