@@ -156,9 +156,9 @@ def cluster_bootstrap(values: np.ndarray, clusters, seed: int, n_boot: int) -> n
     return (sums @ freq.T) / (freq @ counts)
 
 
-def _nan_paired(n: int = 0, n_clips: int = 0) -> dict[str, float]:
+def _empty_paired() -> dict[str, float | None]:
     keys = ("mean", "ci_low", "ci_high", "win_rate", "win_rate_ci_low", "win_rate_ci_high")
-    return {**dict.fromkeys(keys, float("nan")), "n": n, "n_clips": n_clips}
+    return {**dict.fromkeys(keys), "n": 0, "n_clips": 0}
 
 
 def paired_deltas(
@@ -167,28 +167,28 @@ def paired_deltas(
     """Paired statistics of several metrics at once: ``candidate``/``baseline`` [m, n] (m metrics, n
     samples). Per metric: the mean of candidate - baseline, its clip-level bootstrap 95% interval, the win
     rate (share of samples where the candidate is strictly lower) and its interval from the same resamples.
-    An interval needs at least MIN_CLIPS clips; with fewer it is NaN (never 'significant')."""
+    An interval needs at least MIN_CLIPS clips; with fewer its ends are None (never 'significant'), which
+    JSON writes as null and which compares equal run to run (NaN would not)."""
     delta = np.atleast_2d(np.asarray(candidate, np.float64) - np.asarray(baseline, np.float64))
     m, n = delta.shape
     n_clips = _cluster_index(clusters, n)[1]
     if n == 0:
-        return [_nan_paired() for _ in range(m)]
+        return [_empty_paired() for _ in range(m)]
     wins = (delta < 0).astype(np.float64)
     out = []
+    low = high = [None] * (2 * m)
     if n_clips >= MIN_CLIPS:
         boots = cluster_bootstrap(np.concatenate([delta, wins]), clusters, seed, n_boot)
-        low, high = np.percentile(boots, [2.5, 97.5], axis=-1)
-    else:
-        low = high = np.full(2 * m, np.nan)
+        low, high = (np.percentile(boots, [2.5, 97.5], axis=-1).astype(float)).tolist()
     for i in range(m):
         out.append(
             {
                 "mean": float(delta[i].mean()),
-                "ci_low": float(low[i]),
-                "ci_high": float(high[i]),
+                "ci_low": low[i],
+                "ci_high": high[i],
                 "win_rate": float(wins[i].mean()),
-                "win_rate_ci_low": float(low[m + i]),
-                "win_rate_ci_high": float(high[m + i]),
+                "win_rate_ci_low": low[m + i],
+                "win_rate_ci_high": high[m + i],
                 "n": n,
                 "n_clips": n_clips,
             }
@@ -205,11 +205,11 @@ def paired_delta(
 
 def verdict(d: dict[str, float]) -> str:
     """better / worse / no significant difference, for a lower-is-better metric's paired delta."""
-    if d["ci_high"] < 0:
+    if d["ci_high"] is not None and d["ci_high"] < 0:
         return BETTER
-    if d["ci_low"] > 0:
+    if d["ci_low"] is not None and d["ci_low"] > 0:
         return WORSE
-    return NO_DIFFERENCE  # the interval holds zero, or there were too few clips for one (NaN)
+    return NO_DIFFERENCE  # the interval holds zero, or there were too few clips for one (None)
 
 
 def regressions(paired: dict[str, dict[str, float]]) -> list[dict]:
@@ -311,7 +311,7 @@ def summarise(
         overall = _paired_rows(rows, base, np.arange(n), clip_ids, cfg)
         by_bin = {
             b: _paired_rows(rows, base, np.flatnonzero(np.asarray(bins) == b), clip_ids, cfg)
-            for b in sorted(set(bins), key=_bin_order)
+            for b in sorted(set(bins), key=bin_order)
         }
         paired = {}
         for metric, d in overall.items():  # each metric, then the same metric per bin
@@ -327,7 +327,7 @@ def summarise(
     return results
 
 
-def _bin_order(name: str) -> int:
+def bin_order(name: str) -> int:
     names = [b[0] for b in CURVATURE_BINS]
     return names.index(name) if name in names else len(names)
 

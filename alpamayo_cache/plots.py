@@ -103,7 +103,7 @@ def paired_intervals(path: Path, results: dict, metric: str = M.HEADLINE) -> Non
             if d is None:
                 continue
             ci = [d["ci_low"], d["ci_high"]]
-            if not math.isnan(ci[0]):
+            if ci[0] is not None:
                 ax.plot(ci, [y, y], color=colour, lw=2)
             ax.plot([d["mean"]], [y], "o", color=colour)
             ticks.append(y)

@@ -34,9 +34,9 @@ def fmt(value: float | None, signed: bool = False) -> str:
 
 
 def interval(d: dict, unit: str, prefix: str = "ci", signed: bool = True) -> str:
-    """ "[low, high] unit" of ``d``'s ``<prefix>_low/_high``, or why there is none."""
+    """The interval of ``d``'s ``<prefix>_low``/``<prefix>_high`` as [low, high] unit, or why there is none."""
     low, high = d.get(f"{prefix}_low"), d.get(f"{prefix}_high")
-    if low is None or math.isnan(low):
+    if low is None:
         return f"(no interval: fewer than {M.MIN_CLIPS} clips)"
     return f"[{fmt(low, signed)}, {fmt(high, signed)}] {unit}".rstrip()
 
@@ -101,13 +101,17 @@ def _regressions(results: dict) -> list[tuple]:
     for name, regs in results["regressions"].items():
         for r in regs:
             items.append(
-                f"**{name}**, {r['metric']} on {r['bin']} ({r['n']} samples, {r['n_clips']} clips): "
+                f"**{name}**, {r['metric']} {where(r['bin'])} ({r['n']} samples, {r['n_clips']} clips): "
                 f"{fmt(r['mean'], True)} {r['unit']}, 95% CI {interval(r, r['unit'])}"
             )
     if not items:
         return [*blocks, ("p", "None: no metric or bin has its 95% interval entirely on the worse side.")]
     note = "Every metric and curvature bin whose 95% interval of the paired delta lies entirely above zero:"
     return [*blocks, ("p", note), ("ul", items)]
+
+
+def where(group: str) -> str:
+    return "over all samples" if group == "all" else f"on the {group} bin"
 
 
 def _overall(results: dict) -> list[tuple]:
@@ -131,7 +135,7 @@ def _groups(results: dict, key: str, title: str, label: str) -> list[tuple]:
     if not models:
         return []
     counts = results.get("counts", {}).get(key, {})
-    order = sorted(table[models[0]], key=M._bin_order) if key == "by_curvature" else sorted(table[models[0]])
+    order = sorted(table[models[0]], key=M.bin_order) if key == "by_curvature" else sorted(table[models[0]])
     rows = [
         [g, str(counts.get(g, {}).get("samples", "?")), str(counts.get(g, {}).get("clips", "?"))]
         + [fmt(table[m][g].get("min_ade")) for m in models]
@@ -153,7 +157,7 @@ def _paired(results: dict) -> list[tuple]:
             "unit",
             "mean delta",
             "95% CI",
-            "win rate [95% CI]",
+            "win rate (share) [95% CI]",
             "samples",
             "clips",
             "verdict",
