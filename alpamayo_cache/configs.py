@@ -18,6 +18,8 @@ PROMPT_MODES = ("traj-only", "reasoning")
 KV_DTYPES = ("bf16", "fp32", "fp8", "int8", "int4")
 SCOPES = ("all", "heads", "lora")
 OBJECTIVES = ("fm", "awr")
+# accelerate's tracker names (accelerate.utils.LoggerType); each needs its own package installed.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 DEVICE_HELP = "auto (CUDA if present) | cpu | cuda | cuda:N."
 
 
@@ -179,6 +181,12 @@ class TrainConfig:
     )
     overwrite: bool = option(False, help="Start the run folder over (only a folder this program made).")
     dry_run: bool = option(False, help="Print the memory and disk plan; refuse one that does not fit.")
+    trackers: tuple[str, ...] = option(
+        ("tensorboard",),
+        flag="--tracker",
+        help="Experiment trackers via accelerate, logging metrics.jsonl's numbers under <run>/tracking "
+        "(tensorboard | wandb | mlflow | ...; repeatable); --set trackers= turns tracking off.",
+    )
     model: str = option(
         "", help="With --dry-run: plan for this preset or checkpoint folder instead of a store's samples."
     )
@@ -191,6 +199,8 @@ class TrainConfig:
         _check(0 <= self.route_dropout <= 1, "--route-dropout must be between 0 and 1")
         _check(not self.model or self.dry_run, "--model plans without a store: it needs --dry-run")
         _check(self.prefix_len is None or self.prefix_len >= 1, "--prefix-len must be at least 1")
+        for tracker in self.trackers:
+            _choice(tracker, TRACKERS, "--tracker")
         _choice(self.objective, OBJECTIVES, "--objective")
         _choice(self.optimizer, ("auto", "adamw", "adamw8bit"), "--optimizer")
         _choice(self.checkpointing, ("auto", "on", "off"), "--checkpointing")

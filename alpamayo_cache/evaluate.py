@@ -236,7 +236,8 @@ def _evaluate(
             per_sample[name].append(M.sample_metrics(pred["xyz"][i], pred["rot"][i], gt_xyz, gt_rot))
     RM.add_reward_metrics(reader, sample_ids, truth, predictions, per_sample, space)
     specs = {name: m[0] for name, m in models.items()}
-    results = M.summarise(cfg, specs, per_sample, bins, [infos[s].camera_set for s in sample_ids])
+    clips = [infos[s].clip_id for s in sample_ids]  # the bootstrap resamples clips, not samples
+    results = M.summarise(cfg, specs, per_sample, bins, [infos[s].camera_set for s in sample_ids], clips)
     RM.add_conventions(results)
     results["store"] = {
         "path": str(cfg.store),
@@ -244,21 +245,32 @@ def _evaluate(
         "prompt_mode": reader.info.prompt_mode,
     }
     results["config"] = to_jsonable(cfg)
+    from alpamayo_cache import report
+
+    run_folders = {name: run_folder_of(Path(m[0])) for name, m in models.items() if name != "baseline"}
+    described = {name: m[3] for name, m in models.items()}
+    results["provenance"] = report.provenance(cfg, reader, list(infos.values()), described, run_folders)
     _write(out / "metrics.json", json.dumps(results, indent=2), created)
     _write_per_sample(out / "per_sample.csv", sample_ids, bins, infos, per_sample, created)
-    plot_files: list[str] = []
+    plot_files: list = []
     if cfg.plots:
         from alpamayo_cache import plots
 
         plot_files = plots.make_all(
-            out, reader, sample_ids, truth, predictions, per_sample, bins, results, cfg.max_panels
+            out,
+            reader,
+            sample_ids,
+            truth,
+            predictions,
+            per_sample,
+            bins,
+            results,
+            cfg.max_panels,
+            cfg.seed,
+            run_folders,
         )
-        created.extend(out / p for p in plot_files)
-    from alpamayo_cache import report
-
-    report.write(out / "report.md", results, plot_files)
-    RM.append_report(out / "report.md", results)
-    created.append(out / "report.md")
+        created.extend(out / p.file for p in plot_files)
+    created.extend(report.write(out / "report.md", results, plot_files))
     log.info(f"eval report: {out / 'report.md'}")
     results["out_dir"] = str(out)
     return results

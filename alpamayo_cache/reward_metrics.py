@@ -18,7 +18,6 @@ Terms: visual_safety, gt_similarity, reasoning_agreement, comfort; all in [0, 1]
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
@@ -95,24 +94,16 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
-def report_section(results: dict) -> str:
-    """Markdown: the overall reward metrics of every model side by side."""
+def report_blocks(results: dict) -> list[tuple]:
+    """The overall reward metrics of every model side by side, as report blocks (see report.py)."""
     models = list(results["overall"])
-    lines = [
-        "## Rewards (heuristic, higher is better)",
-        "",
-        f"{results['conventions'].get('rewards', CONVENTION)}.",
-        "",
-        "| metric | " + " | ".join(models) + " |",
-        "|---|" + "---|" * len(models),
+    rows = [
+        [key.removeprefix("reward/"), *(_fmt(results["overall"][m].get(key)) for m in models)]
+        for key in REPORT_KEYS
     ]
-    for key in REPORT_KEYS:
-        values = [results["overall"][m].get(key) for m in models]
-        lines.append(f"| {key.removeprefix('reward/')} | " + " | ".join(_fmt(v) for v in values) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def append_report(path: Path, results: dict) -> None:
-    """Append the reward section to report.md (after the sections report.py writes)."""
-    with open(path, "a") as f:
-        f.write("\n" + report_section(results))
+    note = f"{results['conventions'].get('rewards', CONVENTION)}."
+    return [
+        ("h", 2, "Rewards (heuristic, higher is better)"),
+        ("p", note),
+        ("table", ["metric", *models], rows),
+    ]

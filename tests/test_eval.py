@@ -122,3 +122,11 @@ def test_eval_writes_report_and_reuses_predictions(tiny_store, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Paired: ft - baseline" in report and "best-of-K chosen by full 6.4 s" in report
     assert "## Rewards" in report and "| gt_is_best |" in report
+    verdict = report.splitlines()[2]  # right under the title
+    assert verdict.startswith("**ft") and "on min_ade" in verdict and "clip-level bootstrap over" in verdict
+    assert "**seeded random weights**, preset tiny (seed 0)" in report and "Data: **synthetic**" in report
+    assert "## Regressions" in report and "plots/loss_curves.png" in report
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == len(list((out / "plots").glob("*.png")))
+    assert (out / "plots" / "loss_curves.png").is_file()
+    assert saved["verdicts"]["ft"]["n_clips"] == saved["counts"]["clips"] == 3  # the val split's clips

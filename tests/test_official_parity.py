@@ -267,7 +267,10 @@ def test_end_to_end_real_frames(pix_fx):
 
 
 def test_smart_resize_matches_transformers():
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as reference
+    try:  # transformers 5.x: the PIL backend's module (the default one needs torchvision)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference
+    except ImportError:  # 4.x
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as reference
 
     sizes = [(1080, 1920), (720, 1280), (96, 160), (64, 96), (1, 199), (33, 47), (2160, 3840), (500, 500)]
     sizes += [(h, w) for h in range(16, 1200, 97) for w in range(16, 2000, 131)]

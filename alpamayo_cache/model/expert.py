@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from alpamayo_cache.config import ModelConfig, TextConfig
+from alpamayo_cache.model.hf_compat import cache_argument
 from alpamayo_cache.store.format import dequantize
 from alpamayo_cache.store.quant import KVQuant
 
@@ -168,7 +169,8 @@ class _ReadOnlyPrefixCache:
     def __init__(self, prefix: Prefix) -> None:
         self.prefix = prefix
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: object = None):
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object):
+        # Extra arguments (4.x: cache_kwargs; 5.x: kwargs=...) carry nothing this read-only cache needs.
         pk, pv = self.prefix.layer(layer_idx, key.dtype)
         return torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)
 
@@ -219,17 +221,16 @@ def run_expert(
     t = prefix.width
     cache_position = torch.arange(t, t + tokens.shape[1], device=tokens.device)
     rope = expert.rotary_emb(tokens, positions)
-    cache = _ReadOnlyPrefixCache(prefix)
+    kwargs = {
+        "attention_mask": mask,
+        "position_ids": positions[0],
+        cache_argument(expert.layers[0]): _ReadOnlyPrefixCache(prefix),
+        "cache_position": cache_position,
+        "position_embeddings": rope,
+        "is_causal": False,  # any causality is in the explicit mask
+    }
     hidden = tokens
     for layer in expert.layers:
-        kwargs = dict(
-            attention_mask=mask,
-            position_ids=positions[0],
-            past_key_values=cache,
-            cache_position=cache_position,
-            position_embeddings=rope,
-            is_causal=False,  # any causality is in the explicit mask
-        )
         if checkpointing and torch.is_grad_enabled():
             hidden = checkpoint(_run_layer, layer, hidden, kwargs, use_reentrant=False)
         else:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from alpamayo_cache.config import ModelConfig
 from alpamayo_cache.errors import UserError
+from alpamayo_cache.model.hf_compat import add_special_tokens
 
 QWEN_SPECIALS = [
     "<|endoftext|>",
@@ -38,9 +39,7 @@ def extend_tokenizer(tok, cfg: ModelConfig) -> None:
         tok.add_tokens([f"<i{i}>" for i in range(cfg.traj_vocab_size)], special_tokens=True)
     missing = [t for t in ALPAMAYO_SPECIALS if t not in vocab]
     if missing:
-        tok.add_special_tokens(
-            {"additional_special_tokens": missing}, replace_additional_special_tokens=False
-        )
+        add_special_tokens(tok, missing)
 
 
 def build_tiny_tokenizer(cfg: ModelConfig):

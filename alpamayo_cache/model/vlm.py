@@ -16,6 +16,7 @@ import torch
 from alpamayo_cache.config import ModelConfig
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.model.expert import Prefix, hf_text_config
+from alpamayo_cache.model.hf_compat import layer_kv, multimodal_inputs, output_cache, seeded_init
 from alpamayo_cache.model.prompt import PromptBuilder, image_inputs
 from alpamayo_cache.model.tokenizer import load_tokenizer
 from alpamayo_cache.model.weights import read_tensors
@@ -74,6 +75,7 @@ def build_vlm(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
             model = Qwen3VLForConditionalGeneration(hf_cfg)
+        seeded_init(model, cfg.init_seed)  # the same weights under every transformers version
     else:
         # transformers' own loader builds on the meta device and fills weights and RoPE buffers.
         tensors = read_tensors(Path(folder), lambda key: key.startswith("vlm."), strip="vlm.")
@@ -126,12 +128,6 @@ def stack_prefixes(encoded: list[EncodedPrefix]) -> Prefix:
         rope_deltas=torch.tensor([e.rope_delta for e in encoded]),
         lengths=torch.tensor([e.length for e in encoded]),
     )
-
-
-def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(cache, "layers"):
-        return cache.layers[i].keys, cache.layers[i].values
-    return cache.key_cache[i], cache.value_cache[i]
 
 
 class FrozenVLM:
@@ -188,7 +184,10 @@ class FrozenVLM:
         """One forward over the whole prompt: per-layer K/V, last hidden state, MRoPE delta."""
         ids = torch.tensor([token_ids], device=self.device)
         mask = torch.ones_like(ids)
-        position_ids, rope_deltas = self.model.model.get_rope_index(ids, grid, None, attention_mask=mask)
+        mm = multimodal_inputs(self.model.model, ids, self.prompt.ids["<|image_pad|>"])
+        position_ids, rope_deltas = self.model.model.get_rope_index(
+            ids, image_grid_thw=grid, attention_mask=mask, **mm
+        )
         out = self.model.model(
             input_ids=ids,
             attention_mask=mask,
@@ -197,7 +196,7 @@ class FrozenVLM:
             image_grid_thw=grid,
             use_cache=True,
         )
-        layers = [_layer_kv(out.past_key_values, i) for i in range(self.cfg.text.num_layers)]
+        layers = [layer_kv(output_cache(out), i) for i in range(self.cfg.text.num_layers)]
         return EncodedPrefix(
             keys=torch.stack([k[0] for k, _ in layers]),
             values=torch.stack([v[0] for _, v in layers]),
@@ -227,6 +226,7 @@ class FrozenVLM:
                 eos_token_id=stop,
                 pad_token_id=self.prompt.ids["<|endoftext|>"],
                 suppress_tokens=list(traj),  # discrete trajectory tokens are not text
+                **multimodal_inputs(self.model.model, ids, self.prompt.ids["<|image_pad|>"]),
             )
         new = out[0, ids.shape[1] :].tolist()
         if stop in new:

@@ -41,7 +41,7 @@ META = "meta.json"
 # Settings a resume may change freely: they do not change what is computed.
 RESUME_FREE = {
     "resume", "resume_with_changes", "overwrite", "stop_after", "dry_run", "num_workers", "prefetch", "save_every",
-    "keep_checkpoints", "val_every", "device", "gpu_memory_gb", "run", "run_dir",
+    "keep_checkpoints", "val_every", "device", "gpu_memory_gb", "run", "run_dir", "trackers",
 }  # fmt: skip
 
 

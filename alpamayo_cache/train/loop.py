@@ -25,6 +25,7 @@ from alpamayo_cache.runtime import log, progress
 from alpamayo_cache.store.dataset import CachedFeatures
 from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.train import checkpoints as C
+from alpamayo_cache.train import tracking
 from alpamayo_cache.train.feed import batch_stream, noise_generator
 from alpamayo_cache.train.objectives import check_store, make_objective
 from alpamayo_cache.train.plan import GIB, plan_for
@@ -110,7 +111,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
 
     accelerator = Accelerator(
-        cpu=device == "cpu", mixed_precision="bf16" if device.startswith("cuda") else "no"
+        cpu=device == "cpu",
+        mixed_precision="bf16" if device.startswith("cuda") else "no",
+        **tracking.accelerator_kwargs(cfg.trackers, run_dir),
     )
     rank = accelerator.process_index
     lock, resume_from = C.open_run(run_dir, cfg) if rank == 0 else (None, None)
@@ -168,6 +171,7 @@ def _train(
 ) -> TrainResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     state = _resume_or_start(cfg, setup, run_dir, resume_from, store_cfg, rank, world)
+    tracking.start(accelerator, cfg, state.step)
     model, optimizer = accelerator.prepare(setup.policy, setup.optimizer)
     log.info(
         f"training {sum(p.numel() for p in setup.params):,} parameters ({cfg.scope}) from {setup.described} on {setup.device}"
@@ -206,6 +210,7 @@ def _train(
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+            tracking.log(accelerator, record)
             stopping = _agree(accelerator, stop.requested)
             if state.step % cfg.save_every == 0 or state.step == end or stopping:
                 result.checkpoint = _save(cfg, accelerator, setup, state, run_dir, last_val)
@@ -213,6 +218,7 @@ def _train(
                 break
     if metrics is not None:
         metrics.close()
+    accelerator.end_training()
     result.step = state.step
     result.data_wait_share = waited / wall if wall else 0.0
     if result.losses:
