@@ -154,6 +154,7 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
             kv_dtype,
             t.hidden_size,
             len(camera_set(name, model.cameras).cameras),
+            vlm_from_layer=cfg.vlm_from_layer,
         )
         for name in cfg.camera_sets
     }
@@ -176,6 +177,10 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
             f"dataset folder {cfg.data} does not exist: download PhysicalAI-AV there or use --data synthetic"
         )
     model = resolve_model(cfg.model)
+    if cfg.vlm_from_layer is not None:
+        from alpamayo_cache.model.vlm_top import check_first_layer
+
+        check_first_layer(model, cfg.vlm_from_layer)
     log.info(f"precompute: {cfg.data} -> {store} (model {model.name}, {cfg.prompt_mode}); planning ...")
     device = resolve_device(cfg.device)
     dtype = compute_dtype(device, cfg.dtype)
@@ -202,9 +207,8 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
     from alpamayo_cache.model.vlm import FrozenVLM
 
     log.info(f"loading the VLM ({model.name}) on {device} ...")
-    vlm = FrozenVLM(
-        model, Path(cfg.model) if Path(cfg.model).is_dir() else None, cfg.tokenizer, device, dtype
-    )
+    folder = Path(cfg.model) if Path(cfg.model).is_dir() else None
+    vlm = FrozenVLM(model, folder, cfg.tokenizer, device, dtype, from_layer=cfg.vlm_from_layer)
     writer = StoreWriter(store, _store_info(cfg, model, vlm, kv_dtype, dtype, device), rank=plan.rank)
     result.removed_partial = writer.removed_partial
     if writer.removed_partial:
@@ -233,9 +237,10 @@ def _store_info(
         compute_dtype=dtype_name(dtype),
         attn_implementation=vlm.model.config._attn_implementation,
         fingerprint=F.StoreInfo.compute_fingerprint(
-            vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype)
+            vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype), cfg.vlm_from_layer
         ),
         created_by=versions(device),
+        vlm_from_layer=cfg.vlm_from_layer,
     )
 
 
@@ -287,9 +292,14 @@ def _encode_all(
 
 
 def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str) -> dict[str, np.ndarray]:
-    """Everything stored for one sample; non-finite features are refused (never committed)."""
-    kv = torch.stack([enc.keys, enc.values], dim=1)  # [l, 2, h, L, d]
-    for name, value in (("kv", kv), ("hidden", enc.hidden)):
+    """Everything stored for one sample; non-finite features are refused (never committed).
+    An encoding with prompt hidden states (``--vlm-from-layer k``) keeps the K/V of layers < k only."""
+    k = enc.keys.shape[0] if enc.prompt_hidden is None else enc.prompt_hidden_layer
+    kv = torch.stack([enc.keys[:k], enc.values[:k]], dim=1)  # [l, 2, h, L, d]
+    checked = [("kv", kv), ("hidden", enc.hidden)]
+    if enc.prompt_hidden is not None:
+        checked.append(("prompt hidden states", enc.prompt_hidden))
+    for name, value in checked:
         if not bool(torch.isfinite(value).all()):
             raise BadClip(f"non-finite features: the VLM produced NaN/Inf in {name}")
     bits, scale = F.encode_kv(kv, kv_dtype)
@@ -310,6 +320,11 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
     }
     if scale is not None:
         arrays[F.KV_SCALE] = scale
+    if enc.prompt_hidden is not None:
+        arrays[F.PROMPT_HIDDEN] = F.encode_prompt_hidden(enc.prompt_hidden, kv_dtype)
+        arrays[F.POSITION_IDS] = enc.position_ids.cpu().numpy().astype(np.int32)
+        if not bool((enc.mask == 1).all()):
+            arrays[F.PROMPT_MASK] = enc.mask.cpu().numpy().astype(np.uint8)
     return arrays
 
 

@@ -75,6 +75,26 @@ def build_expert(cfg: ModelConfig) -> nn.Module:
 
 
 @dataclass
+class PromptStates:
+    """What a ``--vlm-from-layer k`` store keeps so the VLM's layers k.. can be run again (vlm_top).
+
+    hidden:       [b, t, D] hidden states entering text layer k, stored precision (right-padded)
+    position_ids: [3, b, t] the prompt's MRoPE position ids
+    mask:         [b, t] the prompt's attention mask, or None when it is all ones
+    """
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> PromptStates:
+        mask = None if self.mask is None else self.mask.to(device, non_blocking=True)
+        return PromptStates(
+            self.hidden.to(device, non_blocking=True), self.position_ids.to(device, non_blocking=True), mask
+        )
+
+
+@dataclass
 class Prefix:
     """Cached VLM features for a batch, as the expert consumes them.
 
@@ -82,6 +102,7 @@ class Prefix:
     rope_deltas:  [b] MRoPE offset of each prompt (negative: images use fewer positions than tokens)
     lengths:      [b] true prefix length L of each sample
     kv_scale:     [b, l, 2] dequantisation scales of quantised stores, else None
+    prompt:       what recomputes layers l.. (``--vlm-from-layer`` stores; model/vlm_top.py), else None
     """
 
     keys: torch.Tensor
@@ -89,10 +110,13 @@ class Prefix:
     rope_deltas: torch.Tensor
     lengths: torch.Tensor
     kv_scale: torch.Tensor | None = None
+    prompt: PromptStates | None = None
 
     @classmethod
     def from_batch(cls, batch) -> Prefix:
-        return cls(batch.keys, batch.values, batch.rope_deltas, batch.lengths, batch.kv_scale)
+        hidden = getattr(batch, "prompt_hidden", None)
+        prompt = None if hidden is None else PromptStates(hidden, batch.position_ids, batch.prompt_mask)
+        return cls(batch.keys, batch.values, batch.rope_deltas, batch.lengths, batch.kv_scale, prompt)
 
     @property
     def batch_size(self) -> int:
@@ -114,10 +138,16 @@ class Prefix:
             move(self.rope_deltas),
             move(self.lengths),
             move(self.kv_scale),
+            None if self.prompt is None else self.prompt.to(device),
         )  # type: ignore[arg-type]
 
     def layer(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of VLM layer ``index`` in ``dtype``, [b, h, t, d], on the prefix's device."""
+        if index >= self.keys.shape[0]:
+            raise RuntimeError(
+                f"the prefix holds VLM layers 0..{self.keys.shape[0] - 1} only (a --vlm-from-layer store): "
+                "wrap the policy with model.vlm_top so the layers above are recomputed"
+            )
         scale = None if self.kv_scale is None else self.kv_scale[:, index]
         k_scale = None if scale is None else scale[:, 0]
         v_scale = None if scale is None else scale[:, 1]
@@ -127,10 +157,8 @@ class Prefix:
         """No NaN/Inf in the cached features (checked on their device, cheaply)."""
         if self.kv_scale is not None and not bool(torch.isfinite(self.kv_scale).all()):
             return False
-        return all(
-            bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all())
-            for x in (self.keys, self.values)
-        )
+        tensors = [self.keys, self.values] + ([] if self.prompt is None else [self.prompt.hidden])
+        return all(bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all()) for x in tensors)
 
 
 class _ReadOnlyPrefixCache:

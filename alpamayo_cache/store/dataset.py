@@ -65,6 +65,8 @@ class Batch:
     keys, values: [l, b, h, t, d] (t = longest prefix; shorter ones right-padded with zeros)
     kv_scale:     [b, l, 2] fp32 dequantisation scales (fp8 stores) or None
     rope_deltas, lengths: [b]; hidden [b, D]; action [b, w, 2]; trajectories in the ego frame at t0.
+    prompt_hidden [b, t, D], position_ids [3, b, t], prompt_mask [b, t] | None: --vlm-from-layer
+    stores only (right-padded with zeros like the K/V), else None.
     """
 
     sample_ids: list[str]
@@ -79,6 +81,9 @@ class Batch:
     hist_rot: torch.Tensor
     fut_xyz: torch.Tensor
     fut_rot: torch.Tensor
+    prompt_hidden: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
 
     def pin_memory(self) -> Batch:
         for f in fields(self):
@@ -100,6 +105,32 @@ def _padded(parts: list[torch.Tensor], longest: int) -> torch.Tensor:
     return out.view(first.dtype)
 
 
+def _padded_rows(parts: list[torch.Tensor], longest: int, axis: int, fill: int = 0) -> torch.Tensor:
+    """Stack tensors whose ``axis`` is the token axis into a new batch axis ``axis``, right-padded."""
+    shape = list(parts[0].shape)
+    shape[axis] = longest
+    out = torch.full([len(parts), *shape], fill, dtype=parts[0].dtype)
+    for i, p in enumerate(parts):
+        out[i].narrow(axis, 0, p.shape[axis]).copy_(p)
+    return out
+
+
+def _prompt_fields(samples: list[CachedSample], longest: int) -> dict[str, torch.Tensor | None]:
+    """The --vlm-from-layer arrays of a batch (None for samples of a full store)."""
+    if samples[0].prompt_hidden is None:
+        return {}
+    masks = [s.prompt_mask for s in samples]
+    mask = None
+    if any(m is not None for m in masks):
+        ones = [torch.ones(s.info.length, dtype=torch.uint8) if m is None else m for s, m in zip(samples, masks)]
+        mask = _padded_rows(ones, longest, 0, fill=1)  # padding stays invisible: attention is causal
+    return {
+        "prompt_hidden": _padded_rows([s.prompt_hidden for s in samples], longest, 0),  # type: ignore[misc]
+        "position_ids": _padded_rows([s.position_ids for s in samples], longest, 1).transpose(0, 1).contiguous(),  # type: ignore[misc]
+        "prompt_mask": mask,
+    }
+
+
 def collate(samples: list[CachedSample]) -> Batch:
     """Stack samples; K/V are right-padded to the longest prefix in the batch."""
     longest = max(s.info.length for s in samples)
@@ -117,6 +148,7 @@ def collate(samples: list[CachedSample]) -> Batch:
         hist_rot=torch.stack([s.hist_rot for s in samples]),
         fut_xyz=torch.stack([s.fut_xyz for s in samples]),
         fut_rot=torch.stack([s.fut_rot for s in samples]),
+        **_prompt_fields(samples, longest),
     )
 
 

@@ -10,6 +10,11 @@
     hidden    [D]              VLM last hidden state (after the final norm) at <|traj_future_start|>
     hist_xyz [16,3] hist_rot [16,3,3] fut_xyz [64,3] fut_rot [64,3,3] action [64,2]   float32, ego frame
     thumbs    [c, 48, 80, 3]   uint8 camera thumbnails (last frame of each camera) for plots
+  (stores made with --vlm-from-layer k: kv holds layers 0..k-1 only, and three more arrays let
+   training recompute layers k..N-1, see model/vlm_top.py)
+    prompt_hidden [L, D]       hidden states entering text layer k: bf16 bits as uint16 | fp32 (fp32 stores)
+    position_ids  [3, L]       int32 MRoPE position ids of the prompt (temporal, height, width)
+    prompt_mask   [L]          uint8 attention mask, only when it is not all ones
   staging/rank-<r>/<id>/       samples being written; renamed into samples/ when complete
   quarantine/<id>/             damaged samples moved aside by `repair` (re-made by the next precompute)
   failures/rank-<r>.jsonl      clips/samples that could not be made, with the reason
@@ -55,6 +60,9 @@ FUT_XYZ = "fut_xyz"
 FUT_ROT = "fut_rot"
 ACTION = "action"
 THUMBS = "thumbs"
+PROMPT_HIDDEN = "prompt_hidden"
+POSITION_IDS = "position_ids"
+PROMPT_MASK = "prompt_mask"
 THUMB_SIZE = (48, 80)
 TRUTH_ARRAYS = (HIST_XYZ, HIST_ROT, FUT_XYZ, FUT_ROT, ACTION)
 KV_ITEMSIZE = {"bf16": 2, "fp32": 4, "fp8": 1}
@@ -98,23 +106,37 @@ class StoreInfo:
     attn_implementation: str
     fingerprint: str = ""
     created_by: dict[str, str] = field(default_factory=dict)
+    # k of --vlm-from-layer: K/V of layers < k stored, layers >= k recomputed from prompt_hidden.
+    vlm_from_layer: int | None = None
 
     @staticmethod
     def compute_fingerprint(
-        model_identity: str, model_config: dict, prompt_mode: str, kv_dtype: str, compute_dtype: str
+        model_identity: str,
+        model_config: dict,
+        prompt_mode: str,
+        kv_dtype: str,
+        compute_dtype: str,
+        vlm_from_layer: int | None = None,
     ) -> str:
-        payload = json.dumps(
-            {
-                "layout": LAYOUT_VERSION,
-                "model": model_identity,
-                "config": model_config,
-                "prompt": prompt_mode,
-                "kv_dtype": kv_dtype,
-                "compute_dtype": compute_dtype,
-            },
-            sort_keys=True,
-        )
+        fields_ = {
+            "layout": LAYOUT_VERSION,
+            "model": model_identity,
+            "config": model_config,
+            "prompt": prompt_mode,
+            "kv_dtype": kv_dtype,
+            "compute_dtype": compute_dtype,
+        }
+        if vlm_from_layer is not None:  # absent for full stores, so their fingerprints do not move
+            fields_["vlm_from_layer"] = vlm_from_layer
+        payload = json.dumps(fields_, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @property
+    def stored_layers(self) -> int:
+        """VLM layers whose K/V the store holds (all of them, or the k below --vlm-from-layer)."""
+        if self.vlm_from_layer is not None:
+            return self.vlm_from_layer
+        return int(self.model_config["text"]["num_layers"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,15 +260,27 @@ def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: 
 
 
 def sample_bytes(
-    length: int, layers: int, kv_heads: int, head_dim: int, kv_dtype: str, hidden: int, cameras: int
+    length: int,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    kv_dtype: str,
+    hidden: int,
+    cameras: int,
+    vlm_from_layer: int | None = None,
 ) -> int:
-    """Bytes one committed sample takes on disk: every array, its crc, and the metadata files."""
+    """Bytes one committed sample takes on disk: every array, its crc, and the metadata files.
+    With ``vlm_from_layer`` k: K/V of k layers plus the prompt's hidden states and position ids."""
     crc = 4
+    if vlm_from_layer is not None:
+        layers = vlm_from_layer
     kv = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype) * length + layers * crc
     arrays = [hidden * 4, 16 * 3 * 4, 16 * 9 * 4, 64 * 3 * 4, 64 * 9 * 4, 64 * 2 * 4]
     arrays.append(cameras * THUMB_SIZE[0] * THUMB_SIZE[1] * 3)
     if kv_dtype == "fp8":
         arrays.append(layers * 2 * 4)
+    if vlm_from_layer is not None:
+        arrays += [length * hidden * prompt_hidden_itemsize(kv_dtype), 3 * length * 4]
     metadata = 700 * (len(arrays) + 1) + 1500  # one zarr.json per array (~700 B) + the group's attrs
     return kv + sum(a + crc for a in arrays) + metadata
 
@@ -267,6 +301,21 @@ def encode_kv(kv: Any, kv_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
         q = (x / scale[:, :, None, None, None]).to(torch.float8_e4m3fn)
         return q.contiguous().view(torch.uint8).cpu().numpy(), scale.cpu().numpy().astype(np.float32)
     raise UserError(f"--kv-dtype must be one of {KV_DTYPES}")
+
+
+def prompt_hidden_itemsize(kv_dtype: str) -> int:
+    """Bytes per value of the stored prompt hidden states: fp32 in fp32 stores, else bf16 (fp8 would
+    lose too much of the residual stream that every recomputed layer reads)."""
+    return 4 if kv_dtype == "fp32" else 2
+
+
+def encode_prompt_hidden(hidden: Any, kv_dtype: str) -> np.ndarray:
+    """torch [L, D] -> bits for disk (bf16 bits as uint16, or fp32)."""
+    import torch
+
+    if prompt_hidden_itemsize(kv_dtype) == 4:
+        return hidden.float().contiguous().cpu().numpy()
+    return hidden.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
 
 
 def disk_dtype(kv_dtype: str) -> np.dtype:

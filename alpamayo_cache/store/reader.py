@@ -36,6 +36,11 @@ class CachedSample:
     fut_xyz: torch.Tensor
     fut_rot: torch.Tensor
     action: torch.Tensor  # [w, 2] normalised (accel, curvature) target
+    # --vlm-from-layer stores (read on request): hidden states entering layer k [L, D] (stored
+    # precision), MRoPE position ids [3, L] int32, attention mask [L] (None when all ones).
+    prompt_hidden: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
 
 
 def kv_tensor(bits: np.ndarray, kv_dtype: str) -> torch.Tensor:
@@ -121,10 +126,19 @@ class StoreReader:
                 f"run `alpamayo-cache repair {self.root}` and re-run precompute"
             ) from exc
 
-    def read(self, sample_id: str) -> CachedSample:
+    def read(self, sample_id: str, prompt: bool | None = None) -> CachedSample:
+        """One sample; ``prompt`` (default: when the store has them) adds the arrays that recompute
+        the VLM layers above ``--vlm-from-layer``."""
         names = [F.KV, F.HIDDEN, *F.TRUTH_ARRAYS]
         if self.info.kv_dtype == "fp8":
             names.append(F.KV_SCALE)
+        prompt = self.info.vlm_from_layer is not None if prompt is None else prompt
+        if prompt:
+            if self.info.vlm_from_layer is None:
+                raise UserError(f"store {self.root} has no prompt hidden states (made without --vlm-from-layer)")
+            names += [F.PROMPT_HIDDEN, F.POSITION_IDS]
+            if (self.sample_dir(sample_id) / F.PROMPT_MASK).is_dir():
+                names.append(F.PROMPT_MASK)
         arrays = self.arrays(sample_id, names)
         info = self.sample_info(sample_id)
         kv = kv_tensor(arrays[F.KV], self.info.kv_dtype)
@@ -147,6 +161,13 @@ class StoreReader:
             fut_xyz=t(F.FUT_XYZ),
             fut_rot=t(F.FUT_ROT),
             action=t(F.ACTION),
+            prompt_hidden=(
+                kv_tensor(arrays[F.PROMPT_HIDDEN], "fp32" if arrays[F.PROMPT_HIDDEN].itemsize == 4 else "bf16")
+                if prompt
+                else None
+            ),
+            position_ids=t(F.POSITION_IDS) if prompt else None,
+            prompt_mask=t(F.PROMPT_MASK) if F.PROMPT_MASK in arrays else None,
         )
 
     def thumbnails(self, sample_id: str) -> np.ndarray:

@@ -30,9 +30,15 @@ class VerifyReport:
 
 def _check_sample(reader: StoreReader, sample_id: str, text_cfg: dict) -> F.SampleInfo:
     s = reader.read(sample_id)
-    expected = (text_cfg["num_layers"], text_cfg["num_kv_heads"], s.info.length, text_cfg["head_dim"])
+    layers = reader.info.stored_layers
+    expected = (layers, text_cfg["num_kv_heads"], s.info.length, text_cfg["head_dim"])
     if tuple(s.keys.shape) != expected:
         raise UserError(f"kv shape {tuple(s.keys.shape)} != {expected}")
+    if s.prompt_hidden is not None:
+        if tuple(s.prompt_hidden.shape) != (s.info.length, text_cfg["hidden_size"]):
+            raise UserError(f"prompt_hidden shape {tuple(s.prompt_hidden.shape)} is not (L, hidden)")
+        if not torch.isfinite(s.prompt_hidden.float()).all():
+            raise UserError("prompt_hidden has non-finite values")
     for name in ("hidden", "hist_xyz", "hist_rot", "fut_xyz", "fut_rot", "action"):
         if not np.isfinite(getattr(s, name).numpy()).all():
             raise UserError(f"{name} has non-finite values")

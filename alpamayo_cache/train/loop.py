@@ -28,7 +28,7 @@ from alpamayo_cache.train import checkpoints as C
 from alpamayo_cache.train.feed import batch_stream, noise_generator
 from alpamayo_cache.train.objectives import make_objective
 from alpamayo_cache.train.plan import GIB, plan_for
-from alpamayo_cache.train.setup import Setup, build, choose_device, export_head, select_samples
+from alpamayo_cache.train.setup import Setup, build, choose_device, export_checkpoint, select_samples
 from alpamayo_cache.train.validation import validation_loss
 
 
@@ -78,7 +78,10 @@ def plan_check(
     checkpointing: bool,
 ):
     longest = max(reader.sample_info(s).length for s in train_ids)
-    plan = plan_for(cfg, store_cfg, longest, device, optimizer, checkpointing, reader.info.kv_dtype)
+    plan = plan_for(
+        cfg, store_cfg, longest, device, optimizer, checkpointing, reader.info.kv_dtype,
+        vlm_from_layer=reader.info.vlm_from_layer,
+    )  # fmt: skip
     log.info(plan.describe(cfg.gpu_memory_gb))
     if cfg.dry_run and plan.memory.total > cfg.gpu_memory_gb * GIB:
         raise UserError(
@@ -256,8 +259,8 @@ def _save(
     folder = None
     if accelerator.is_main_process:
 
-        def export(path: Path) -> None:
-            export_head(setup.policy, path, cfg.scope, setup.init, setup.head_cfg, state.step)
+        def export(path: Path) -> list[str]:
+            return export_checkpoint(setup, cfg, path, state.step, StoreReader(cfg.store).info.model_identity)
 
         folder = C.save(
             run_dir,
