@@ -90,9 +90,7 @@ class PrecomputeConfig:
         _check(self.max_ego_gap_s > 0, "--max-ego-gap-s must be positive")
         _check(0 < self.disk_margin <= 1, "disk_margin must be in (0, 1]")
         _check(bool(self.camera_sets), "--camera-set needs at least one camera set")
-        _check(
-            self.vlm_from_layer is None or self.vlm_from_layer >= 0, "--vlm-from-layer must be >= 0"
-        )
+        _check(self.vlm_from_layer is None or self.vlm_from_layer >= 0, "--vlm-from-layer must be >= 0")
 
 
 @dataclass(frozen=True)

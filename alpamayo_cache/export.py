@@ -105,7 +105,9 @@ def from_release(base: Path, changed: dict[str, torch.Tensor], out: Path, link: 
         raise UserError(f"{base} has neither {INDEX_NAME} nor {SINGLE_NAME}: not a released checkpoint")
     unknown = sorted(set(changed) - set(weight_map))
     if unknown:
-        raise UserError(f"the run has {unknown[0]} ({len(unknown)} in all), which {base} lacks: another architecture")
+        raise UserError(
+            f"the run has {unknown[0]} ({len(unknown)} in all), which {base} lacks: another architecture"
+        )
     touched = {weight_map[k] for k in changed}
     done: dict[str, str] = {}
     for shard in sorted(set(weight_map.values())):
@@ -114,7 +116,10 @@ def from_release(base: Path, changed: dict[str, torch.Tensor], out: Path, link: 
             continue
         with safe_open(str(base / shard), "pt") as f:
             meta = f.metadata()
-            tensors = {k: _cast(k, changed[k], f.get_tensor(k)) if k in changed else f.get_tensor(k) for k in f.keys()}
+            tensors = {
+                k: _cast(k, changed[k], f.get_tensor(k)) if k in changed else f.get_tensor(k)
+                for k in f.keys()
+            }
         save_file(tensors, str(out / shard), metadata=meta)
         done[shard] = "rewritten"
     for path in sorted(base.iterdir()):  # config, index, tokenizer and other small files, as they are
@@ -190,7 +195,9 @@ def whole_model(
         weight_map.update({k: name for k in shard})
         done[name] = "written"
     total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
-    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / INDEX_NAME).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     (out / "config.json").write_text(json.dumps(release_config_dict(cfg), indent=2))
     if cfg.name == "tiny":  # the tiny tokenizer is built offline: ship it so the folder is self-contained
         from alpamayo_cache.model.tokenizer import load_tokenizer
@@ -219,8 +226,17 @@ def run(cfg: ExportConfig) -> Path:
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # nothing half-written stays behind
         raise
-    record = {"checkpoint": str(ckpt), "step": meta.get("step"), "base": base, "changed": len(changed), "shards": done}
+    record = {
+        "checkpoint": str(ckpt),
+        "step": meta.get("step"),
+        "base": base,
+        "changed": len(changed),
+        "shards": done,
+    }
     (out / PROVENANCE).write_text(json.dumps(record, indent=2))
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    log.info(f"exported {len(done)} shard(s), {human_bytes(size)}: " + ", ".join(f"{k} {v}" for k, v in done.items()))
+    log.info(
+        f"exported {len(done)} shard(s), {human_bytes(size)}: "
+        + ", ".join(f"{k} {v}" for k, v in done.items())
+    )
     return out

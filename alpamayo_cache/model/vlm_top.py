@@ -37,7 +37,13 @@ RELEASE_TEXT = "vlm.model.language_model."
 # The co-trained layers' file inside a run checkpoint, next to head.safetensors.
 VLM_LAYERS = "vlm_layers.safetensors"
 # The last layer's weights that do not reach its K/V (frozen: they would get no gradient).
-_LAST_LAYER_UNUSED = ("self_attn.q_proj", "self_attn.q_norm", "self_attn.o_proj", "mlp", "post_attention_layernorm")
+_LAST_LAYER_UNUSED = (
+    "self_attn.q_proj",
+    "self_attn.q_norm",
+    "self_attn.o_proj",
+    "mlp",
+    "post_attention_layernorm",
+)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -116,11 +122,15 @@ class VLMTop(nn.Module):
             raise UserError(f"VLM layers {first}..: {what} weight {keys[0]} ({len(keys)} in all)")
         for key, value in tensors.items():
             if tuple(value.shape) != tuple(expected[key].shape):
-                raise UserError(f"VLM weight {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+                raise UserError(
+                    f"VLM weight {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+                )
         self.load_state_dict(tensors, strict=False, assign=True)
         self.rotary_emb = Qwen3VLTextRotaryEmbedding(self.config)
 
-    def kv(self, prompt: PromptStates, checkpointing: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def kv(
+        self, prompt: PromptStates, checkpointing: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V [b, h, t, d] of layers first..N-1 from the hidden states entering layer ``first``."""
         from transformers.masking_utils import create_causal_mask
 
@@ -181,7 +191,9 @@ def make_trainable(top: VLMTop, mode: str, rank: int, alpha: int, seed: int) -> 
     last = str(top.count - 1)
 
     def unused(name: str) -> bool:
-        return name.startswith(f"{last}.") and any(f".{u}" in f".{name[len(last) + 1:]}" for u in _LAST_LAYER_UNUSED)
+        return name.startswith(f"{last}.") and any(
+            f".{u}" in f".{name[len(last) + 1 :]}" for u in _LAST_LAYER_UNUSED
+        )
 
     if mode == "full":
         for name, p in top.layers.named_parameters():
@@ -195,7 +207,9 @@ def make_trainable(top: VLMTop, mode: str, rank: int, alpha: int, seed: int) -> 
         for t in LORA_TARGETS
     ]
     targets = [t for t in targets if not unused(t[len("layers.") :])]
-    lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, init_lora_weights=True)
+    lora = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, init_lora_weights=True
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)  # not the expert's LoRA seed: different adapters start differently
         inject_adapter_in_model(lora, top)

@@ -122,11 +122,16 @@ def _prompt_fields(samples: list[CachedSample], longest: int) -> dict[str, torch
     masks = [s.prompt_mask for s in samples]
     mask = None
     if any(m is not None for m in masks):
-        ones = [torch.ones(s.info.length, dtype=torch.uint8) if m is None else m for s, m in zip(samples, masks)]
+        ones = [
+            torch.ones(s.info.length, dtype=torch.uint8) if m is None else m
+            for s, m in zip(samples, masks, strict=True)
+        ]
         mask = _padded_rows(ones, longest, 0, fill=1)  # padding stays invisible: attention is causal
     return {
         "prompt_hidden": _padded_rows([s.prompt_hidden for s in samples], longest, 0),  # type: ignore[misc]
-        "position_ids": _padded_rows([s.position_ids for s in samples], longest, 1).transpose(0, 1).contiguous(),  # type: ignore[misc]
+        "position_ids": _padded_rows([s.position_ids for s in samples], longest, 1)
+        .transpose(0, 1)
+        .contiguous(),  # type: ignore[misc]
         "prompt_mask": mask,
     }
 

@@ -135,7 +135,9 @@ class StoreReader:
         prompt = self.info.vlm_from_layer is not None if prompt is None else prompt
         if prompt:
             if self.info.vlm_from_layer is None:
-                raise UserError(f"store {self.root} has no prompt hidden states (made without --vlm-from-layer)")
+                raise UserError(
+                    f"store {self.root} has no prompt hidden states (made without --vlm-from-layer)"
+                )
             names += [F.PROMPT_HIDDEN, F.POSITION_IDS]
             if (self.sample_dir(sample_id) / F.PROMPT_MASK).is_dir():
                 names.append(F.PROMPT_MASK)
@@ -162,7 +164,9 @@ class StoreReader:
             fut_rot=t(F.FUT_ROT),
             action=t(F.ACTION),
             prompt_hidden=(
-                kv_tensor(arrays[F.PROMPT_HIDDEN], "fp32" if arrays[F.PROMPT_HIDDEN].itemsize == 4 else "bf16")
+                kv_tensor(
+                    arrays[F.PROMPT_HIDDEN], "fp32" if arrays[F.PROMPT_HIDDEN].itemsize == 4 else "bf16"
+                )
                 if prompt
                 else None
             ),

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alpamayo_cache.config import ModelConfig
+from alpamayo_cache.errors import UserError
 from alpamayo_cache.runtime import human_bytes
 
 GIB = 1024**3
@@ -78,7 +79,12 @@ def vlm_top_trainable_count(cfg: ModelConfig, first: int, mode: str, rank: int) 
     """Trainable parameters of ``--train vlm-top`` in the VLM layers first..N-1. The last layer only
     trains what reaches its K/V: input norm, k/v projections, k-norm (or LoRA on k/v)."""
     t = cfg.text
-    d, qd, kvd, mlp = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
+    d, qd, kvd, mlp = (
+        t.hidden_size,
+        t.num_heads * t.head_dim,
+        t.num_kv_heads * t.head_dim,
+        t.intermediate_size,
+    )
     if mode == "full":
         last = d + 2 * d * kvd + t.head_dim
         return (t.num_layers - 1 - first) * vlm_layer_parameter_count(cfg) + last
@@ -190,14 +196,20 @@ def _with_vlm_top(
     t = cfg.text
     b, L, n_top = micro_batch, prefix_len, t.num_layers - first
     act = 2 if param_bytes == 2 else 4
-    weights, grads, optim = base.weights + n_top * vlm_layer_parameter_count(cfg) * param_bytes, base.grads, base.optimizer
+    weights, grads, optim = (
+        base.weights + n_top * vlm_layer_parameter_count(cfg) * param_bytes,
+        base.grads,
+        base.optimizer,
+    )
     if training:
         trainable = vlm_top_trainable_count(cfg, first, mode, lora_rank)
         weights += trainable * 4 if mode == "lora" else 0  # adapters in fp32
         grads += trainable * (4 if mode == "lora" else param_bytes)
         optim += trainable * {"adamw": 8, "adamw8bit": 2}[optimizer]
     token_kv = 2 * t.num_kv_heads * t.head_dim  # K and V values of one layer and token
-    kv_batch = b * L * (first * token_kv * kv_itemsize + t.hidden_size * (4 if kv_itemsize == 4 else 2) + 3 * 4)
+    kv_batch = (
+        b * L * (first * token_kv * kv_itemsize + t.hidden_size * (4 if kv_itemsize == 4 else 2) + 3 * 4)
+    )
     fresh_kv = b * L * n_top * token_kv * act  # the expert's inputs for layers first..
     qd, mlp = t.num_heads * t.head_dim, t.intermediate_size
     one_layer = b * L * (6 * t.hidden_size + 4 * qd + 2 * token_kv + 4 * mlp) * act
@@ -246,10 +258,14 @@ def plan_for(
 ) -> TrainPlan:
     """The plan of ``train_cfg`` (a TrainConfig) on ``device`` for prefixes of ``prefix_len`` tokens
     (``vlm_from_layer``: the store's --vlm-from-layer k, whose layers k.. run in every step)."""
+    scope = train_cfg.scope
+    if scope == "vlm-top" and vlm_from_layer is None:
+        raise UserError(
+            f"--train vlm-top needs a store made with --vlm-from-layer K; {train_cfg.store} holds every layer's K/V"
+        )
     cuda = device.startswith("cuda")
     param_bytes = 2 if cuda or train_cfg.dtype == "bf16" else 4
     kv_itemsize = {"bf16": 2, "fp32": 4, "fp8": 1}.get(kv_dtype, 2)
-    scope = train_cfg.scope
     vlm_train, vlm_expert = getattr(train_cfg, "vlm_train", "lora"), getattr(train_cfg, "vlm_expert", "all")
     mem = plan(
         model, prefix_len, train_cfg.micro_batch, scope, optimizer, checkpointing,
@@ -263,7 +279,11 @@ def plan_for(
     if scope == "vlm-top":  # + the merged VLM layers' file
         head_params += (model.text.num_layers - vlm_from_layer) * vlm_layer_parameter_count(model)  # type: ignore[operator]
     one = head_params * param_bytes + trainable_bytes + mem.optimizer
-    top = f", VLM layers {vlm_from_layer}.. {vlm_train if scope == 'vlm-top' else 'frozen'}" if vlm_from_layer is not None else ""
+    top = (
+        f", VLM layers {vlm_from_layer}.. {vlm_train if scope == 'vlm-top' else 'frozen'}"
+        if vlm_from_layer is not None
+        else ""
+    )
     what = f"vlm-top (expert {vlm_expert})" if scope == "vlm-top" else scope
     summary = (
         f"{model.name}, L={prefix_len}, micro-batch {train_cfg.micro_batch}, {what}{top}, {optimizer}, "
