@@ -96,8 +96,8 @@ class EncodedPrefix:
     """One sample's conditioning. keys/values: [l, h, L, d] (every layer); hidden: [D].
 
     With ``from_layer`` k (FrozenVLM): prompt_hidden [L, D] = the hidden states entering text layer k
-    (prompt_hidden_layer = k),
-    position_ids [3, L] = the prompt's MRoPE ids, mask [L] = its attention mask (all ones here)."""
+    (prompt_hidden_layer = k), position_ids [3, L] = the prompt's MRoPE ids, mask [L] = its attention
+    mask (all ones here: stored only when it is not)."""
 
     keys: torch.Tensor
     values: torch.Tensor

@@ -122,6 +122,7 @@ def summary(root: Path) -> dict:
         "model_identity": reader.info.model_identity,
         "prompt_mode": reader.info.prompt_mode,
         "kv_dtype": reader.info.kv_dtype,
+        "vlm_from_layer": reader.info.vlm_from_layer,
         "samples": len(infos),
         "clips": len({i.clip_id for i in infos.values()}),
         "by_split": dict(Counter(i.split for i in infos.values())),
