@@ -181,7 +181,9 @@ def test_real_size_plan_for_k27_fits_a_24_gb_card():
     assert total(1, "full", "lora") < 24
 
 
-def test_eval_reports_the_centre_gap_for_baseline_expert_only_and_co_trained(k_store, top_run, tmp_path):
+def test_eval_reports_the_centre_gap_for_baseline_expert_only_and_co_trained(
+    k_store, tiny_store, top_run, tmp_path
+):
     expert_only = tmp_path / "expert-only"
     train(TrainConfig(store=k_store, run_dir=expert_only, device="cpu", steps=4, split="all", val_split=""))
     metrics = evaluate(
@@ -196,6 +198,8 @@ def test_eval_reports_the_centre_gap_for_baseline_expert_only_and_co_trained(k_s
         assert row["centre_gap"] == pytest.approx(row["centre_ade"] - row["min_ade"])
     assert overall["top"]["centre_ade"] != overall["expert-only"]["centre_ade"]
     assert "| centre_gap |" in (tmp_path / "eval" / "report.md").read_text()
+    with pytest.raises(UserError, match="co-trained the VLM"):  # a full store holds the untrained K/V
+        evaluate(EvalConfig(store=tiny_store, checkpoints=(str(top_run.run_dir),), device="cpu", plots=False))
 
 
 @pytest.fixture(scope="module")

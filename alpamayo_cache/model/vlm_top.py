@@ -331,8 +331,14 @@ def load_top(source: str, info: Any, store_cfg: ModelConfig) -> tuple[VLMTop, st
 
 def attach(policy: Policy, source: str, info: Any, store_cfg: ModelConfig) -> Policy:
     """``policy`` as it must run on ``info``'s store: unchanged for a full store, else wrapped with the
-    VLM's top layers (frozen) from ``source``."""
+    VLM's top layers (frozen) from ``source``. A co-trained run on a full store is refused: that
+    store's K/V come from the VLM before training, so the run's own layers would be ignored."""
     if getattr(info, "vlm_from_layer", None) is None:
+        if Path(source).is_file() and (Path(source).parent / VLM_LAYERS).is_file():
+            raise UserError(
+                f"{source} co-trained the VLM's top layers: use it on a store made with --vlm-from-layer "
+                "(its layers recompute the K/V there), not on a store of the untrained VLM's K/V"
+            )
         return policy
     top, _ = load_top(source, info, store_cfg)
     top.requires_grad_(False)

@@ -156,10 +156,9 @@ def build(
     init = resolve_init(cfg.init, reader)
     policy, head_cfg, described = load_head(init, cfg.attention or None)
     check_head_matches_store(head_cfg, store_cfg, described)
-    if reader.info.vlm_from_layer is not None:  # layers k.. of the VLM recompute their K/V each step
-        from alpamayo_cache.model.vlm_top import attach
+    from alpamayo_cache.model.vlm_top import attach
 
-        policy = attach(policy, init, reader.info, store_cfg)
+    policy = attach(policy, init, reader.info, store_cfg)  # k-stores: layers k.. recompute their K/V
     params = apply_scope(policy, cfg)
     full = cfg.scope == "all" or (cfg.scope == "vlm-top" and cfg.vlm_expert == "all")
     if device.startswith("cuda") and full:
