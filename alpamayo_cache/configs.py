@@ -16,7 +16,9 @@ from alpamayo_cache.options import option
 SYNTHETIC = "synthetic"
 PROMPT_MODES = ("traj-only", "reasoning")
 KV_DTYPES = ("bf16", "fp32", "fp8", "int8", "int4")
-SCOPES = ("all", "heads", "lora")
+SCOPES = ("all", "heads", "lora", "vlm-top")
+VLM_TRAIN_MODES = ("lora", "full")
+VLM_EXPERT_MODES = ("all", "lora", "heads")
 OBJECTIVES = ("fm", "awr")
 # accelerate's tracker names (accelerate.utils.LoggerType); each needs its own package installed.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
@@ -81,6 +83,11 @@ class PrecomputeConfig:
     max_reasoning_tokens: int = option(32, help="Longest sampled reasoning (prompt mode 'reasoning').")
     max_ego_gap_s: float = option(0.35, help="Skip keyframes whose egomotion has a gap longer than this (s).")
     dry_run: bool = option(False, help="Print the plan (samples, bytes, free disk) and stop.")
+    vlm_from_layer: int | None = option(
+        None,
+        help="Keep the hidden states entering VLM text layer k and the K/V of layers < k only, so "
+        "train --train vlm-top can co-train layers k.. (must lie above the deepstack layers).",
+    )
     disk_margin: float = option(0.95, help="Share of the free disk a plan may use.", cli=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +102,7 @@ class PrecomputeConfig:
         _check(self.max_ego_gap_s > 0, "--max-ego-gap-s must be positive")
         _check(0 < self.disk_margin <= 1, "disk_margin must be in (0, 1]")
         _check(bool(self.camera_sets), "--camera-set needs at least one camera set")
+        _check(self.vlm_from_layer is None or self.vlm_from_layer >= 0, "--vlm-from-layer must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,12 @@ class TrainConfig:
     init: str = option(
         "auto", help="Starting weights: auto (the store's preset) | preset | released folder | run."
     )
-    scope: str = option("all", flag="--train", help="What trains: all (expert + projections) | heads | lora.")
+    scope: str = option(
+        "all",
+        flag="--train",
+        help="What trains: all (expert + projections) | heads | lora | vlm-top (the VLM's layers k.. of a "
+        "--vlm-from-layer store, plus the expert as --vlm-expert says).",
+    )
     objective: str = option(
         "fm",
         help="Training objective: fm (flow matching to the logged trajectory) | awr (fm plus advantage-"
@@ -140,6 +153,11 @@ class TrainConfig:
     )
     lora_rank: int = option(16, help="LoRA rank (--train lora).")
     lora_alpha: int = option(32, help="LoRA alpha (--train lora).")
+    vlm_train: str = option("lora", help="--train vlm-top: the VLM's layers k.. train as lora | full.")
+    vlm_expert: str = option(
+        "all", help="--train vlm-top: the expert trains as all (full) | lora | heads (frozen expert)."
+    )
+    vlm_lr_scale: float = option(1.0, help="--train vlm-top: the VLM layers' learning rate is --lr x this.")
     split: str = option("train", help="Split trained on.")
     val_split: str = option("val", help="Split for the validation loss ('' for none).")
     camera_sets: tuple[str, ...] = option(
@@ -201,6 +219,9 @@ class TrainConfig:
         _check(self.prefix_len is None or self.prefix_len >= 1, "--prefix-len must be at least 1")
         for tracker in self.trackers:
             _choice(tracker, TRACKERS, "--tracker")
+        _choice(self.vlm_train, VLM_TRAIN_MODES, "--vlm-train")
+        _choice(self.vlm_expert, VLM_EXPERT_MODES, "--vlm-expert")
+        _check(self.vlm_lr_scale > 0, "--vlm-lr-scale must be positive")
         _choice(self.objective, OBJECTIVES, "--objective")
         _choice(self.optimizer, ("auto", "adamw", "adamw8bit"), "--optimizer")
         _choice(self.checkpointing, ("auto", "on", "off"), "--checkpointing")
@@ -331,6 +352,10 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         _choice(self.prompt_mode, PROMPT_MODES, "--prompt-mode")
         _choice(self.scope, SCOPES, "--train")
+        _check(
+            self.scope != "vlm-top",
+            "pipeline does not co-train the VLM: run precompute --vlm-from-layer K, then train --train vlm-top",
+        )
         _check(self.steps >= 1, "--steps must be at least 1")
         _check(self.limit is None or self.limit >= 1, "--limit must be at least 1")
 
@@ -354,3 +379,26 @@ class SynthConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     store: Path = option(Path("cache_store/tiny-traj-only"), positional=True, help="Feature store.")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run: Path = option(
+        Path("runs/tiny-traj-only"),
+        positional=True,
+        help="Training run folder (its newest intact checkpoint) or one checkpoint folder.",
+    )
+    to: Path | None = option(None, help="New (or empty) folder for the Alpamayo-R1 checkpoint.")
+    base: str = option(
+        "auto",
+        help="auto (the run's starting weights) | a released Alpamayo-R1 folder: its untouched shards "
+        "are reused, the changed tensors rewritten under their release names.",
+    )
+    link: bool = option(True, help="Hard-link untouched shards of the base folder (copy if that fails).")
+    dtype: str = option("bf16", help="Tensor dtype of a whole-model (preset) export: bf16 | fp32.")
+    shard_gb: float = option(5.0, help="Largest shard of a whole-model export (GB).")
+
+    def __post_init__(self) -> None:
+        _check(self.to is not None, "export needs --to <folder> for the checkpoint")
+        _choice(self.dtype, ("bf16", "fp32"), "--dtype")
+        _check(self.shard_gb > 0, "--shard-gb must be positive")

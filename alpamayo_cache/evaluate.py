@@ -1,6 +1,8 @@
 """Stage 3: compare the baseline policy and fine-tuned checkpoints on the same cached samples.
 
-Never loads the VLM: every model sees identical cached features and, per sample, identical initial
+Never loads the VLM (only, for a ``--vlm-from-layer k`` store, its layers k.., which every model runs
+again from the stored hidden states: the store's own for the baseline and expert-only runs, the trained
+ones for ``--train vlm-top`` runs): every model sees identical cached features and, per sample, identical initial
 noise (derived from the seed and the sample id), so differences are paired. Predictions are saved per
 model and reused when the model file, store and sampling options are unchanged. Every input is
 checked before any work starts, and a failed evaluation removes what it wrote.
@@ -26,6 +28,7 @@ from alpamayo_cache.model.action_space import UnicycleActionSpace, effective_sta
 from alpamayo_cache.model.expert import Prefix
 from alpamayo_cache.model.guidance import unguided_prefix
 from alpamayo_cache.model.head import load_head
+from alpamayo_cache.model.vlm_top import attach as attach_vlm_top
 from alpamayo_cache.options import to_jsonable
 from alpamayo_cache.runtime import autocast, compute_dtype, log, progress, resolve_device
 from alpamayo_cache.store.dataset import CachedFeatures, collate, epoch_batches
@@ -153,6 +156,7 @@ def _load_models(
     for name, spec in specs.items():
         policy, head_cfg, described = load_head(spec, cfg.attention or None)
         check_head_matches_store(head_cfg, store_cfg, described)
+        policy = attach_vlm_top(policy, spec, reader.info, store_cfg)  # --vlm-from-layer stores
         models[name] = (spec, policy, head_cfg, described)
     return models
 
@@ -223,7 +227,7 @@ def _evaluate(
     out.mkdir(parents=True, exist_ok=True)
     dataset = CachedFeatures(cfg.store, sample_ids, reader)
     predictions = _predictions(cfg, models, dataset, out, reader.info.fingerprint, sample_ids, created)
-    truth = [reader.read(s) for s in sample_ids]
+    truth = [reader.read(s, prompt=False) for s in sample_ids]
     infos = {s: reader.sample_info(s) for s in sample_ids}
     per_sample: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     bins = []

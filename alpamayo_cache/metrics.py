@@ -8,6 +8,8 @@ the ego frame at t0 (x forward, y left, metres), 0.1 s apart. Distances are in t
   ``min_ade/by_t=0.5|1.0|3.0|5.0`` are *that same sample's* ADE over the first 5/10/30/50 steps.
 - ``min_ade_reselect/by_t=...``: the best sample chosen again at each horizon (always <= the above).
 - ``ade``: sample 0 alone (a single-shot prediction). ``min_fde``: best final-point error.
+- ``centre_ade``: XY ADE of the mean of the K trajectories (the centre of the predicted set);
+  ``centre_gap`` = centre_ade - min_ade: how far the set's centre sits from its best member.
 - ``corner_distance``: a 4 x 3 x 2 m box (length, width, height) at each pose; per time step and
   corner the distance to the ground-truth corner, minimum over the K samples, then averaged.
 - straight-line bias: lateral offset y at 3 s and 6.4 s and the heading change at 6.4 s, of the
@@ -38,6 +40,8 @@ KEY_METRICS = (
     "min_ade/by_t=3.0",
     "ade",
     "min_fde",
+    "centre_ade",
+    "centre_gap",
     "corner_distance",
     "lateral_error_6.4s",
     "heading_error_deg",
@@ -85,6 +89,9 @@ def sample_metrics(
         out[f"min_ade/by_t={h}"] = float(err[best, :n].mean())
         out[f"min_ade_reselect/by_t={h}"] = float(err[:, :n].mean(axis=1).min())
     out["min_fde"] = float(err[:, -1].min())
+    centre = np.linalg.norm(pred_xyz[..., :2].mean(axis=0) - gt_xyz[:, :2], axis=-1)  # [w]
+    out["centre_ade"] = float(centre.mean())
+    out["centre_gap"] = out["centre_ade"] - out["min_ade"]
     corners = np.linalg.norm(
         box_corners(pred_xyz, pred_rot) - box_corners(gt_xyz, gt_rot)[None], axis=-1
     )  # [K, w, 8]

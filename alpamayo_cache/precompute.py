@@ -187,6 +187,11 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
     check_policy(cfg.keyframes)
     data = resolve_data(cfg, model)
     routes = load_routes(cfg, model, data)
+    if routes and cfg.vlm_from_layer is not None:
+        raise UserError(
+            "--vlm-from-layer stores keep one prompt's hidden states and cannot carry a route's unguided "
+            "prefix: drop --route or --vlm-from-layer"
+        )
     if routes and kv_dtype in INT_BITS:
         raise UserError(
             f"--kv-dtype {kv_dtype} cannot store the unguided prefix of routed samples: use bf16, fp32 or "
@@ -211,7 +216,15 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
         cameras = len(camera_set(name, model.cameras).cameras)
         lengths[name] = length
         per_sample[name] = F.sample_bytes(
-            length, t.num_layers, t.num_kv_heads, t.head_dim, kv_dtype, t.hidden_size, cameras, block=block
+            length,
+            t.num_layers,
+            t.num_kv_heads,
+            t.head_dim,
+            kv_dtype,
+            t.hidden_size,
+            cameras,
+            block=block,
+            vlm_from_layer=cfg.vlm_from_layer,
         ) + suffix * F.kv_bytes_per_token(t.num_layers, t.num_kv_heads, t.head_dim, kv_dtype)
     committed = set(F.committed_samples(cfg.store)) if Path(cfg.store).is_dir() else set()
     todo = [s for s in specs if s.sample_id not in committed]
@@ -260,6 +273,10 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
             f"dataset folder {cfg.data} does not exist: download PhysicalAI-AV there or use --data synthetic"
         )
     model = resolve_model(cfg.model)
+    if cfg.vlm_from_layer is not None:
+        from alpamayo_cache.model.vlm_top import check_first_layer
+
+        check_first_layer(model, cfg.vlm_from_layer)
     log.info(f"precompute: {cfg.data} -> {store} (model {model.name}, {cfg.prompt_mode}); planning ...")
     device = resolve_device(cfg.device)
     dtype = compute_dtype(device, cfg.dtype)
@@ -292,9 +309,8 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
     from alpamayo_cache.model.vlm import FrozenVLM
 
     log.info(f"loading the VLM ({model.name}) on {device} ...")
-    vlm = FrozenVLM(
-        model, Path(cfg.model) if Path(cfg.model).is_dir() else None, cfg.tokenizer, device, dtype
-    )
+    folder = Path(cfg.model) if Path(cfg.model).is_dir() else None
+    vlm = FrozenVLM(model, folder, cfg.tokenizer, device, dtype, from_layer=cfg.vlm_from_layer)
     info = _store_info(cfg, model, vlm, kv_dtype, dtype, device, plan.routes)
     writer = StoreWriter(store, info, rank=plan.rank)
     result.removed_partial = writer.removed_partial
@@ -326,12 +342,20 @@ def _store_info(
         compute_dtype=dtype_name(dtype),
         attn_implementation=vlm.model.config._attn_implementation,
         fingerprint=F.StoreInfo.compute_fingerprint(
-            vlm.identity, model.to_dict(), cfg.prompt_mode, kv_dtype, dtype_name(dtype), inputs, group
+            vlm.identity,
+            model.to_dict(),
+            cfg.prompt_mode,
+            kv_dtype,
+            dtype_name(dtype),
+            inputs,
+            group,
+            cfg.vlm_from_layer,
         ),
         created_by=versions(device),
         inputs=inputs,
         front_image_hw=list(F.FRONT_IMAGE_SIZE),
         kv_group=group,
+        vlm_from_layer=cfg.vlm_from_layer,
     )
 
 
@@ -433,12 +457,20 @@ def _sample_info(
 
 def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str) -> dict[str, np.ndarray]:
     """Everything stored for one sample; non-finite features are refused (never committed). A routed
-    sample also stores its unguided prefix from the first token that differs (``route_start``) on."""
-    kv = torch.stack([enc.keys, enc.values], dim=1)  # [l, 2, h, L, d]
+    sample also stores its unguided prefix from the first token that differs (``route_start``) on.
+    An encoding with prompt hidden states (``--vlm-from-layer k``) keeps the K/V of layers < k only."""
+    k = enc.keys.shape[0] if enc.prompt_hidden is None else enc.prompt_hidden_layer
+    kv = torch.stack([enc.keys[:k], enc.values[:k]], dim=1)  # [l, 2, h, L, d]
     uncond = None
     if enc.uncond is not None:
         uncond = torch.stack([enc.uncond.keys, enc.uncond.values], dim=1)[:, :, :, enc.route_start :]
-    for name, value in (("kv", kv), ("hidden", enc.hidden), ("kv_uncond", uncond)):
+    checked = [
+        ("kv", kv),
+        ("hidden", enc.hidden),
+        ("kv_uncond", uncond),
+        ("prompt hidden states", enc.prompt_hidden),
+    ]
+    for name, value in checked:
         if value is not None and not bool(torch.isfinite(value).all()):
             raise BadClip(f"non-finite features: the VLM produced NaN/Inf in {name}")
     # Encoded on the VLM's device: only the encoded bytes cross to the host.
@@ -464,6 +496,11 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
     }
     if uncond is not None:  # routes are refused with int8/int4 before any work (make_plan)
         arrays[F.KV_UNCOND] = F.encode_kv(uncond, kv_dtype, kv_arrays.get(F.KV_SCALE))[0]
+    if enc.prompt_hidden is not None:
+        arrays[F.PROMPT_HIDDEN] = F.encode_prompt_hidden(enc.prompt_hidden, kv_dtype)
+        arrays[F.POSITION_IDS] = enc.position_ids.cpu().numpy().astype(np.int32)
+        if not bool((enc.mask == 1).all()):
+            arrays[F.PROMPT_MASK] = enc.mask.cpu().numpy().astype(np.uint8)
     return arrays
 
 

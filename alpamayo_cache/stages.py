@@ -62,6 +62,12 @@ def _pipeline(cfg: configs.PipelineConfig) -> None:
     typer.echo(f"report: {result['report']}")
 
 
+def _export(cfg: configs.ExportConfig) -> None:
+    from alpamayo_cache import export
+
+    typer.echo(f"exported to {export.run(cfg)}")
+
+
 def _info(cfg: configs.StoreConfig) -> None:
     from alpamayo_cache.store.verify import summary
 
@@ -108,6 +114,12 @@ COMMANDS: tuple[Command, ...] = (
         configs.PipelineConfig,
         _pipeline,
         "precompute -> train -> eval in one command. With no options: tiny model, synthetic clips, CPU.",
+    ),
+    Command(
+        "export",
+        configs.ExportConfig,
+        _export,
+        "Write a training run as a complete Alpamayo-R1 checkpoint folder (index + shards, release key names).",
     ),
     Command("info", configs.StoreConfig, _info, "Counts per split and camera set, bytes, fingerprint."),
     Command(

@@ -18,7 +18,7 @@ def test_help_lists_the_commands():
     out = subprocess.run(
         [sys.executable, "-m", "alpamayo_cache", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("precompute", "train", "eval", "pipeline", "info", "verify", "synth"):
+    for command in ("precompute", "train", "eval", "pipeline", "info", "verify", "synth", "export"):
         assert command in out
 
 

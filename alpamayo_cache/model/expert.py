@@ -85,6 +85,26 @@ def build_expert(cfg: ModelConfig) -> nn.Module:
 
 
 @dataclass
+class PromptStates:
+    """What a ``--vlm-from-layer k`` store keeps so the VLM's layers k.. can be run again (vlm_top).
+
+    hidden:       [b, t, D] hidden states entering text layer k, stored precision (right-padded)
+    position_ids: [3, b, t] the prompt's MRoPE position ids
+    mask:         [b, t] the prompt's attention mask, or None when it is all ones
+    """
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> PromptStates:
+        mask = None if self.mask is None else self.mask.to(device, non_blocking=True)
+        return PromptStates(
+            self.hidden.to(device, non_blocking=True), self.position_ids.to(device, non_blocking=True), mask
+        )
+
+
+@dataclass
 class Prefix:
     """Cached VLM features for a batch, as the expert consumes them.
 
@@ -96,6 +116,7 @@ class Prefix:
     kv_scale:     [b, l, 2] dequantisation scales of fp8 stores, else None
     key_mask:     [b, t] bool, False at padding inside [0, L) (left padding), else None
     quant:        int8/int4 stores' (scale, zero) arrays, else None
+    prompt:       what recomputes layers l.. (``--vlm-from-layer`` stores; model/vlm_top.py), else None
     """
 
     keys: torch.Tensor
@@ -105,9 +126,12 @@ class Prefix:
     kv_scale: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
     quant: KVQuant | None = None
+    prompt: PromptStates | None = None
 
     @classmethod
     def from_batch(cls, batch) -> Prefix:
+        hidden = getattr(batch, "prompt_hidden", None)
+        prompt = None if hidden is None else PromptStates(hidden, batch.position_ids, batch.prompt_mask)
         return cls(
             batch.keys,
             batch.values,
@@ -116,6 +140,7 @@ class Prefix:
             batch.kv_scale,
             getattr(batch, "key_mask", None),
             getattr(batch, "quant", None),
+            prompt,
         )
 
     @property
@@ -140,10 +165,16 @@ class Prefix:
             move(self.kv_scale),
             move(self.key_mask),
             None if self.quant is None else self.quant.to(device),
+            None if self.prompt is None else self.prompt.to(device),
         )  # type: ignore[arg-type]
 
     def layer(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of VLM layer ``index`` in ``dtype``, [b, h, t, d], on the prefix's device."""
+        if index >= self.keys.shape[0]:
+            raise RuntimeError(
+                f"the prefix holds VLM layers 0..{self.keys.shape[0] - 1} only (a --vlm-from-layer store): "
+                "wrap the policy with model.vlm_top so the layers above are recomputed"
+            )
         if self.quant is not None:
             return self.quant.dequantize(index, self.keys[index], self.values[index], dtype)
         scale = None if self.kv_scale is None else self.kv_scale[:, index]
@@ -157,10 +188,8 @@ class Prefix:
             return False
         if self.quant is not None:  # integer codes are always finite: only their scales can be damaged
             return self.quant.all_finite()
-        return all(
-            bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all())
-            for x in (self.keys, self.values)
-        )
+        tensors = [self.keys, self.values] + ([] if self.prompt is None else [self.prompt.hidden])
+        return all(bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all()) for x in tensors)
 
 
 class _ReadOnlyPrefixCache:

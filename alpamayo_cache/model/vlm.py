@@ -95,10 +95,14 @@ def build_vlm(
 
 @dataclass
 class EncodedPrefix:
-    """One sample's conditioning. keys/values: [l, h, L, d]; hidden: [D].
+    """One sample's conditioning. keys/values: [l, h, L, d] (every layer); hidden: [D].
 
     A routed sample also carries ``uncond``: the same sample encoded from the prompt without its route
-    (the same reasoning replayed on top), whose first ``route_start`` tokens equal the guided ones."""
+    (the same reasoning replayed on top), whose first ``route_start`` tokens equal the guided ones.
+
+    With ``from_layer`` k (FrozenVLM): prompt_hidden [L, D] = the hidden states entering text layer k
+    (prompt_hidden_layer = k), position_ids [3, L] = the prompt's MRoPE ids, mask [L] = its attention
+    mask (all ones here: stored only when it is not)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -106,6 +110,10 @@ class EncodedPrefix:
     rope_delta: int
     length: int
     reasoning: str = ""
+    prompt_hidden: torch.Tensor | None = None
+    prompt_hidden_layer: int | None = None
+    position_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     uncond: EncodedPrefix | None = None
     route_start: int = -1
 
@@ -140,7 +148,13 @@ class FrozenVLM:
         tokenizer_folder: Path | None,
         device: str,
         dtype: torch.dtype,
+        from_layer: int | None = None,
     ):
+        if from_layer is not None:
+            from alpamayo_cache.model.vlm_top import check_first_layer
+
+            check_first_layer(cfg, from_layer)
+        self.from_layer = from_layer
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
@@ -188,14 +202,29 @@ class FrozenVLM:
         position_ids, rope_deltas = self.model.model.get_rope_index(
             ids, image_grid_thw=grid, attention_mask=mask, **mm
         )
-        out = self.model.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            pixel_values=pixels,
-            image_grid_thw=grid,
-            use_cache=True,
-        )
+        captured: list[torch.Tensor] = []
+        hook = None
+        if self.from_layer is not None:
+            # The hidden states as decoder layer k receives them (deepstack features already added).
+            layer = self.model.model.language_model.layers[self.from_layer]
+            hook = layer.register_forward_pre_hook(
+                lambda _m, args, kwargs: captured.append(
+                    (args[0] if args else kwargs["hidden_states"])[0].detach().clone()
+                ),
+                with_kwargs=True,
+            )
+        try:
+            out = self.model.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                pixel_values=pixels,
+                image_grid_thw=grid,
+                use_cache=True,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         layers = [layer_kv(output_cache(out), i) for i in range(self.cfg.text.num_layers)]
         return EncodedPrefix(
             keys=torch.stack([k[0] for k, _ in layers]),
@@ -203,6 +232,10 @@ class FrozenVLM:
             hidden=out.last_hidden_state[0, -1].float(),
             rope_delta=int(rope_deltas.reshape(-1)[0]),
             length=int(ids.shape[1]),
+            prompt_hidden=captured[0] if captured else None,
+            prompt_hidden_layer=self.from_layer,
+            position_ids=position_ids[:, 0] if captured else None,
+            mask=mask[0] if captured else None,
         )
 
     def _reason(self, prompt: list[int], pixels, grid, seed: int, max_new: int) -> tuple[list[int], str]:

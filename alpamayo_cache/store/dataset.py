@@ -26,7 +26,7 @@ from alpamayo_cache.store import format as F
 from alpamayo_cache.store.fast_read import BatchReader, KVBatch
 from alpamayo_cache.store.format import SampleInfo
 from alpamayo_cache.store.quant import KVQuant
-from alpamayo_cache.store.reader import CachedSample, StoreReader
+from alpamayo_cache.store.reader import EXTRAS, CachedSample, StoreReader
 
 
 class CachedFeatures(Dataset):
@@ -87,26 +87,18 @@ class CachedFeatures(Dataset):
         return self._with_extras(batch, indices)
 
     def _with_extras(self, batch: Batch, indices: list[int]) -> Batch:
-        """The batch's infos, routed samples' unguided suffixes and (``front``) front images: small
-        arrays, read per sample beside the fast K/V read."""
+        """The batch's infos and the small per-sample arrays beside K/V (unguided suffixes, front images,
+        prompt states), read per sample next to the fast K/V read."""
         infos = [self.infos[i] for i in indices]
         batch.infos = infos
-        if not self.front and all(i.route_start < 0 for i in infos):
+        routed = any(i.route_start >= 0 for i in infos)
+        if not (self.front or routed or self.info.vlm_from_layer is not None):
             return batch
         if self._reader is None:
             self._reader = StoreReader(self.root)
         extras = [self._reader.extras(i.sample_id, self.front) for i in infos]
-        uncond = [
-            None
-            if e["uncond_keys"] is None
-            else UncondSuffix(
-                i.route_start, e["uncond_keys"], e["uncond_values"], i.uncond_length, i.uncond_rope_delta
-            )
-            for i, e in zip(infos, extras, strict=True)
-        ]
-        batch.uncond = uncond if any(u is not None for u in uncond) else None
-        fronts = [e["front_image"] for e in extras]
-        batch.front_image = torch.stack(fronts) if all(f is not None for f in fronts) else None  # type: ignore[arg-type]
+        for name, value in extra_fields(infos, extras, batch.keys.shape[-2]).items():
+            setattr(batch, name, value)
         return batch
 
 
@@ -152,6 +144,8 @@ class Batch:
     rope_deltas, lengths: [b]; hidden [b, D]; action [b, w, 2]; trajectories in the ego frame at t0.
     front_image:  uint8 [b, H, W, 3] front-camera images (read for the rewards only) or None
     infos:        the samples' attributes (reasoning text, front camera record, ...)
+    prompt_hidden [b, t, D], position_ids [3, b, t], prompt_mask [b, t] | None: --vlm-from-layer
+    stores only (right-padded with zeros like the K/V), else None.
     """
 
     sample_ids: list[str]
@@ -172,6 +166,9 @@ class Batch:
     infos: list[SampleInfo] = field(default_factory=list)
     quant: KVQuant | None = None  # int8/int4 stores: float16 (scale, zero) arrays, see store/quant.py
     slot: int | None = None  # the fast reader's ring slot the tensors live in (None: owned memory)
+    prompt_hidden: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
 
     def pin_memory(self) -> Batch:
         for f in fields(self):
@@ -216,27 +213,72 @@ def _padded(parts: list[torch.Tensor], longest: int | None = None, left: bool = 
     return out.view(first.dtype)
 
 
-def _uncond(sample: CachedSample) -> UncondSuffix | None:
-    if sample.uncond_keys is None or sample.uncond_values is None:
-        return None
-    info = sample.info
-    return UncondSuffix(
-        info.route_start, sample.uncond_keys, sample.uncond_values, info.uncond_length, info.uncond_rope_delta
-    )
+def _padded_rows(parts: list[torch.Tensor], longest: int, axis: int, fill: int = 0) -> torch.Tensor:
+    """Stack tensors whose ``axis`` is the token axis into a new batch axis ``axis``, right-padded."""
+    shape = list(parts[0].shape)
+    shape[axis] = longest
+    out = torch.full([len(parts), *shape], fill, dtype=parts[0].dtype)
+    for i, p in enumerate(parts):
+        out[i].narrow(axis, 0, p.shape[axis]).copy_(p)
+    return out
+
+
+def _prompt_fields(
+    infos: list[SampleInfo], extras: list[dict], longest: int
+) -> dict[str, torch.Tensor | None]:
+    """The --vlm-from-layer arrays of a batch, right-padded to ``longest`` ({} for a full store)."""
+    if extras[0]["prompt_hidden"] is None:
+        return {}
+    masks = [e["prompt_mask"] for e in extras]
+    mask = None
+    if any(m is not None for m in masks):
+        ones = [
+            torch.ones(i.length, dtype=torch.uint8) if m is None else m
+            for i, m in zip(infos, masks, strict=True)
+        ]
+        mask = _padded_rows(ones, longest, 0, fill=1)  # padding stays invisible: attention is causal
+    return {
+        "prompt_hidden": _padded_rows([e["prompt_hidden"] for e in extras], longest, 0),
+        "position_ids": _padded_rows([e["position_ids"] for e in extras], longest, 1)
+        .transpose(0, 1)
+        .contiguous(),
+        "prompt_mask": mask,
+    }
+
+
+def extra_fields(infos: list[SampleInfo], extras: list[dict], longest: int) -> dict:
+    """Batch fields beyond K/V and truth from each sample's extras (``StoreReader.extras``): the infos,
+    routed samples' unguided suffixes, front images, --vlm-from-layer prompt states."""
+    uncond = [
+        None
+        if e["uncond_keys"] is None
+        else UncondSuffix(
+            i.route_start, e["uncond_keys"], e["uncond_values"], i.uncond_length, i.uncond_rope_delta
+        )
+        for i, e in zip(infos, extras, strict=True)
+    ]
+    fronts = [e["front_image"] for e in extras]
+    return {
+        "infos": infos,
+        "uncond": uncond if any(u is not None for u in uncond) else None,
+        "front_image": torch.stack(fronts) if all(f is not None for f in fronts) else None,
+        **_prompt_fields(infos, extras, longest),
+    }
 
 
 def collate(samples: list[CachedSample], pad_side: str = "right") -> Batch:
     """Stack samples; K/V are padded to the longest prefix in the batch. Left padding moves each
-    sample's rope delta and length into padded coordinates (positions stay rope_delta + L)."""
+    sample's rope delta and length into padded coordinates (positions stay rope_delta + L); it is for
+    full stores (prompt states are right-padded)."""
     if pad_side not in ("right", "left"):
         raise ValueError(f"pad_side must be right or left, got {pad_side!r}")
+    if pad_side == "left" and samples[0].prompt_hidden is not None:
+        raise ValueError("--vlm-from-layer batches are right-padded")
     longest = max(s.info.length for s in samples)
     left = pad_side == "left"
     real = torch.tensor([s.info.length for s in samples])
     pads = longest - real if left else torch.zeros_like(real)
     scales = [s.kv_scale for s in samples]
-    uncond = [_uncond(s) for s in samples]
-    fronts = [s.front_image for s in samples]
     quant = None
     if samples[0].k_quant is not None:
         k = [s.k_quant for s in samples]
@@ -260,10 +302,10 @@ def collate(samples: list[CachedSample], pad_side: str = "right") -> Batch:
         fut_xyz=torch.stack([s.fut_xyz for s in samples]),
         fut_rot=torch.stack([s.fut_rot for s in samples]),
         key_mask=(torch.arange(longest)[None, :] >= pads[:, None]) if left else None,
-        uncond=uncond if any(u is not None for u in uncond) else None,
-        front_image=torch.stack(fronts) if all(f is not None for f in fronts) else None,  # type: ignore[arg-type]
-        infos=[s.info for s in samples],
         quant=quant,
+        **extra_fields(
+            [s.info for s in samples], [{k: getattr(s, k) for k in EXTRAS} for s in samples], longest
+        ),
     )
 
 

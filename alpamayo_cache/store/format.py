@@ -19,6 +19,11 @@
     thumbs    [c, 48, 80, 3]   uint8 camera thumbnails (last frame of each camera) for plots
     front_image [180, 320, 3]  uint8 front-wide camera at t0 (rewards' visual safety); its camera record
                                (data/camera_model.CameraView.to_dict, or None) is the attr front_camera
+  (stores made with --vlm-from-layer k: kv holds layers 0..k-1 only, and three more arrays let
+   training recompute layers k..N-1, see model/vlm_top.py)
+    prompt_hidden [L, D]       hidden states entering text layer k: bf16 bits as uint16 | fp32 (fp32 stores)
+    position_ids  [3, L]       int32 MRoPE position ids of the prompt (temporal, height, width)
+    prompt_mask   [L]          uint8 attention mask, only when it is not all ones
   staging/rank-<r>/<id>/       samples being written; renamed into samples/ when complete
   quarantine/<id>/             damaged samples moved aside by `repair` (re-made by the next precompute)
   failures/rank-<r>.jsonl      clips/samples that could not be made, with the reason
@@ -69,6 +74,9 @@ FUT_XYZ = "fut_xyz"
 FUT_ROT = "fut_rot"
 ACTION = "action"
 THUMBS = "thumbs"
+PROMPT_HIDDEN = "prompt_hidden"
+POSITION_IDS = "position_ids"
+PROMPT_MASK = "prompt_mask"
 THUMB_SIZE = (48, 80)
 # The front-wide camera's last frame (the one the prompt shows at t0), resized from the decoded native
 # frame for the rewards of reward-weighted fine-tuning (issue 16): enough pixels for a corridor's texture
@@ -122,6 +130,8 @@ class StoreInfo:
     # What else shaped the features: the routes' digest (None: no routes). Empty for R1 stores.
     inputs: dict[str, Any] = field(default_factory=dict)
     kv_group: int = 0  # int4: tokens per K group = channels per V group (store/quant.py); else 0
+    # k of --vlm-from-layer: K/V of layers < k stored, layers >= k recomputed from prompt_hidden.
+    vlm_from_layer: int | None = None
 
     @staticmethod
     def compute_fingerprint(
@@ -132,11 +142,13 @@ class StoreInfo:
         compute_dtype: str,
         inputs: dict[str, Any] | None = None,
         kv_group: int = 0,
+        vlm_from_layer: int | None = None,
     ) -> str:
         """The model config carries the prompt layout (release, camera/frame labels, history tokens,
         route format), so stores of different releases never share a fingerprint; ``inputs`` adds what
-        else the features depend on (e.g. the routes) and ``kv_group`` the int4 grouping; both are left
-        out when empty so other stores' fingerprints stay as they were."""
+        else the features depend on (e.g. the routes) and ``kv_group`` the int4 grouping and
+        ``vlm_from_layer`` the --vlm-from-layer k; each is left out when empty so other stores'
+        fingerprints stay as they were."""
         payload: dict[str, Any] = {
             "layout": LAYOUT_VERSION,
             "model": model_identity,
@@ -150,7 +162,16 @@ class StoreInfo:
             payload["inputs"] = inputs
         if kv_group:
             payload["kv_group"] = kv_group
+        if vlm_from_layer is not None:
+            payload["vlm_from_layer"] = vlm_from_layer
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def stored_layers(self) -> int:
+        """VLM layers whose K/V the store holds (all of them, or the k below --vlm-from-layer)."""
+        if self.vlm_from_layer is not None:
+            return self.vlm_from_layer
+        return int(self.model_config["text"]["num_layers"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -304,14 +325,18 @@ def sample_bytes(
     hidden: int,
     cameras: int,
     block: int = 4096,
+    vlm_from_layer: int | None = None,
 ) -> int:
     """Disk one committed sample takes, as ``du`` counts it: every chunk file (payload + 4-byte crc)
-    and metadata file rounded up to the filesystem's ``block``, plus one block per folder."""
+    and metadata file rounded up to the filesystem's ``block``, plus one block per folder. With ``vlm_from_layer`` k: K/V of k layers plus the prompt's hidden
+    states and position ids."""
 
     def on_disk(n: int) -> int:
         return -(-n // block) * block
 
     crc = 4
+    if vlm_from_layer is not None:
+        layers = vlm_from_layer
     arrays = [hidden * 4, 16 * 3 * 4, 16 * 9 * 4, 64 * 3 * 4, 64 * 9 * 4, 64 * 2 * 4]
     arrays.append(cameras * THUMB_SIZE[0] * THUMB_SIZE[1] * 3)
     shapes = kv_array_shapes(
@@ -321,6 +346,8 @@ def sample_bytes(
     arrays.append(FRONT_IMAGE_SIZE[0] * FRONT_IMAGE_SIZE[1] * 3)
     arrays += [math.prod(shapes[name]) * 4 for name in (KV_SCALE,) if name in shapes]  # float32
     arrays += [math.prod(shapes[name]) * 2 for name in (K_QUANT, V_QUANT) if name in shapes]  # float16
+    if vlm_from_layer is not None:
+        arrays += [length * hidden * prompt_hidden_itemsize(kv_dtype), 3 * length * 4]
     n_arrays = len(arrays) + 1  # + kv
     metadata = (n_arrays + 1) * on_disk(900)  # a zarr.json per array (~600 B) and the group's (~800 B)
     folders = (n_arrays + 1) * block
@@ -360,6 +387,21 @@ def encode_kv_arrays(kv: Any, kv_dtype: str, group: int | None = None) -> dict[s
         return {KV: codes.cpu().numpy(), K_QUANT: k_quant.cpu().numpy(), V_QUANT: v_quant.cpu().numpy()}
     bits, scale = encode_kv(kv, kv_dtype)
     return {KV: bits} if scale is None else {KV: bits, KV_SCALE: scale}
+
+
+def prompt_hidden_itemsize(kv_dtype: str) -> int:
+    """Bytes per value of the stored prompt hidden states: fp32 in fp32 stores, else bf16 (fp8 would
+    lose too much of the residual stream that every recomputed layer reads)."""
+    return 4 if kv_dtype == "fp32" else 2
+
+
+def encode_prompt_hidden(hidden: Any, kv_dtype: str) -> np.ndarray:
+    """torch [L, D] -> bits for disk (bf16 bits as uint16, or fp32)."""
+    import torch
+
+    if prompt_hidden_itemsize(kv_dtype) == 4:
+        return hidden.float().contiguous().cpu().numpy()
+    return hidden.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
 
 
 def disk_dtype(kv_dtype: str) -> np.dtype:

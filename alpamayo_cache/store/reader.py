@@ -47,6 +47,15 @@ class CachedSample:
     v_quant: torch.Tensor | None = None
     kv_dtype: str = ""
     kv_group: int = 0
+    # --vlm-from-layer stores (read on request): hidden states entering layer k [L, D] (stored
+    # precision), MRoPE position ids [3, L] int32, attention mask [L] (None when all ones).
+    prompt_hidden: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+
+
+# CachedSample fields beyond K/V and truth (StoreReader.extras hands the same names out as a dict).
+EXTRAS = ("uncond_keys", "uncond_values", "front_image", "prompt_hidden", "position_ids", "prompt_mask")
 
 
 def kv_tensor(bits: np.ndarray, kv_dtype: str) -> torch.Tensor:
@@ -145,15 +154,27 @@ class StoreReader:
             return [F.KV, F.K_QUANT, F.V_QUANT]
         return [F.KV]
 
-    def extra_names(self, info: F.SampleInfo, front: bool) -> list[str]:
-        """The small arrays beside K/V and truth: a routed sample's unguided suffix (always: a few dozen
-        tokens) and, when asked, the front-camera image."""
+    def extra_names(self, info: F.SampleInfo, front: bool = False, prompt: bool | None = None) -> list[str]:
+        """The arrays beside K/V and truth: a routed sample's unguided suffix (always: a few dozen
+        tokens); with ``front``, the front-camera image; with ``prompt`` (default: when the store has
+        them), the arrays that recompute the VLM layers above ``--vlm-from-layer``."""
         names = [F.KV_UNCOND] if info.route_start >= 0 else []
-        return names + ([F.FRONT_IMAGE] if front and self.has_front_images else [])
+        if front and self.has_front_images:
+            names.append(F.FRONT_IMAGE)
+        prompt = self.info.vlm_from_layer is not None if prompt is None else prompt
+        if prompt:
+            if self.info.vlm_from_layer is None:
+                raise UserError(
+                    f"store {self.root} has no prompt hidden states (made without --vlm-from-layer)"
+                )
+            names += [F.PROMPT_HIDDEN, F.POSITION_IDS]
+            if (self.sample_dir(info.sample_id) / F.PROMPT_MASK).is_dir():
+                names.append(F.PROMPT_MASK)
+        return names
 
     def extras(self, sample_id: str, front: bool = False) -> dict[str, torch.Tensor | None]:
-        """``read``'s uncond_keys / uncond_values / front_image of one sample, without its K/V (the fast
-        batch path reads K/V itself)."""
+        """``read``'s fields beyond K/V and truth (unguided suffix, front image, prompt states) of one
+        sample (the fast batch path reads K/V itself)."""
         info = self.sample_info(sample_id)
         return self._extras(sample_id, info, self.arrays(sample_id, self.extra_names(info, front)))
 
@@ -164,17 +185,27 @@ class StoreReader:
                 f"sample {sample_id}: kv_uncond holds {uncond.shape[3]} tokens after {info.route_start}, "
                 f"metadata says {info.uncond_length} in all"
             )
-        front = torch.from_numpy(arrays[F.FRONT_IMAGE]) if F.FRONT_IMAGE in arrays else None
+
+        def t(name: str) -> torch.Tensor | None:
+            return torch.from_numpy(arrays[name]) if name in arrays else None
+
+        hidden = arrays.get(F.PROMPT_HIDDEN)
         return {
             "uncond_keys": None if uncond is None else uncond[:, 0],
             "uncond_values": None if uncond is None else uncond[:, 1],
-            "front_image": front,
+            "front_image": t(F.FRONT_IMAGE),
+            "prompt_hidden": None
+            if hidden is None
+            else kv_tensor(hidden, "fp32" if hidden.itemsize == 4 else "bf16"),
+            "position_ids": t(F.POSITION_IDS),
+            "prompt_mask": t(F.PROMPT_MASK),
         }
 
-    def read(self, sample_id: str, front: bool = False) -> CachedSample:
-        """One sample; ``front`` adds its front-camera image (None if the store has none)."""
+    def read(self, sample_id: str, front: bool = False, prompt: bool | None = None) -> CachedSample:
+        """One sample; ``front`` adds its front-camera image (None if the store has none); ``prompt``
+        (default: when the store has them) the arrays that recompute the layers above --vlm-from-layer."""
         info = self.sample_info(sample_id)
-        names = [*self.kv_names(), F.HIDDEN, *F.TRUTH_ARRAYS, *self.extra_names(info, front)]
+        names = [*self.kv_names(), F.HIDDEN, *F.TRUTH_ARRAYS, *self.extra_names(info, front, prompt)]
         arrays = self.arrays(sample_id, names)
         kv = kv_tensor(arrays[F.KV], self.info.kv_dtype)
         if kv.shape[3] != info.length:

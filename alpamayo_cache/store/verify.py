@@ -31,7 +31,7 @@ class VerifyReport:
 def _check_sample(reader: StoreReader, sample_id: str, text_cfg: dict) -> F.SampleInfo:
     s = reader.read(sample_id)  # int8/int4 scale arrays are shape-checked against L by the reader
     width = code_width(text_cfg["head_dim"], reader.info.kv_dtype)
-    expected = (text_cfg["num_layers"], text_cfg["num_kv_heads"], s.info.length, width)
+    expected = (reader.info.stored_layers, text_cfg["num_kv_heads"], s.info.length, width)
     if tuple(s.keys.shape) != expected:
         raise UserError(f"kv shape {tuple(s.keys.shape)} != {expected}")
     if (
@@ -42,6 +42,11 @@ def _check_sample(reader: StoreReader, sample_id: str, text_cfg: dict) -> F.Samp
         raise UserError(
             f"k_quant shape {tuple(s.k_quant.shape)} does not match head dim {text_cfg['head_dim']}"
         )
+    if s.prompt_hidden is not None:
+        if tuple(s.prompt_hidden.shape) != (s.info.length, text_cfg["hidden_size"]):
+            raise UserError(f"prompt_hidden shape {tuple(s.prompt_hidden.shape)} is not (L, hidden)")
+        if not torch.isfinite(s.prompt_hidden.float()).all():
+            raise UserError("prompt_hidden has non-finite values")
     for name in ("hidden", "hist_xyz", "hist_rot", "fut_xyz", "fut_rot", "action", "k_quant", "v_quant"):
         value = getattr(s, name)
         if value is not None and not torch.isfinite(value).all():
@@ -127,6 +132,7 @@ def summary(root: Path) -> dict:
         "model_identity": reader.info.model_identity,
         "prompt_mode": reader.info.prompt_mode,
         "kv_dtype": reader.info.kv_dtype,
+        "vlm_from_layer": reader.info.vlm_from_layer,
         "samples": len(infos),
         "clips": len({i.clip_id for i in infos.values()}),
         "by_split": dict(Counter(i.split for i in infos.values())),

@@ -9,7 +9,8 @@
 - ``metrics.jsonl``: one JSON line per step.
 - ``checkpoints/step-000040/``: ``head.safetensors`` (trained keys under the released names, LoRA
   merged), ``trainer_state.pt`` (trainable tensors as trained, optimizer, schedule, data position, RNG),
-  ``meta.json`` (step, validation loss) and ``checksums.json`` (written last: a checkpoint without a
+  ``meta.json`` (step, validation loss), ``vlm_layers.safetensors`` (``--train vlm-top``: the VLM's
+  layers k.. under their release names, LoRA merged) and ``checksums.json`` (written last: a checkpoint without a
   matching table is incomplete or damaged). ``checkpoints/latest`` names the newest complete one.
 Retention keeps the newest ``keep`` checkpoints plus the best by validation loss.
 """
@@ -206,7 +207,7 @@ def save(
     folder = Path(run_dir) / "checkpoints" / f"step-{state.step:06d}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        export(folder / HEAD)
+        extra = export(folder / HEAD) or []  # model files beside the head (co-trained VLM layers)
         payload = {
             "trainable": {
                 n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad
@@ -222,7 +223,7 @@ def save(
         }
         torch.save(payload, folder / STATE)
         (folder / META).write_text(json.dumps({"step": state.step, "val_loss": val_loss}))
-        write_checksums(folder, [HEAD, STATE, META])
+        write_checksums(folder, [HEAD, *extra, STATE, META])
         pointer = folder.parent / "latest"
         tmp = folder.parent / ".latest.tmp"
         tmp.write_text(folder.name)

@@ -29,7 +29,14 @@ from alpamayo_cache.train import tracking
 from alpamayo_cache.train.feed import batch_stream, noise_generator
 from alpamayo_cache.train.objectives import check_store, make_objective
 from alpamayo_cache.train.plan import GIB, plan_for
-from alpamayo_cache.train.setup import Setup, build, check_init, choose_device, export_head, select_samples
+from alpamayo_cache.train.setup import (
+    Setup,
+    build,
+    check_init,
+    choose_device,
+    export_checkpoint,
+    select_samples,
+)
 from alpamayo_cache.train.throughput import throughput
 from alpamayo_cache.train.validation import validation_loss
 
@@ -81,7 +88,10 @@ def plan_check(
 ):
     longest = max(reader.sample_info(s).length for s in train_ids)
     rate = throughput(cfg, store_cfg, reader.sample_dir(train_ids[0]), device)
-    plan = plan_for(cfg, store_cfg, longest, device, optimizer, checkpointing, reader.info.kv_dtype, rate)
+    plan = plan_for(
+        cfg, store_cfg, longest, device, optimizer, checkpointing, reader.info.kv_dtype, rate,
+        reader.info.vlm_from_layer,
+    )  # fmt: skip
     log.info(plan.describe(cfg.gpu_memory_gb))
     if cfg.dry_run and plan.memory.total > cfg.gpu_memory_gb * GIB:
         raise UserError(
@@ -289,8 +299,8 @@ def _save(
     folder = None
     if accelerator.is_main_process:
 
-        def export(path: Path) -> None:
-            export_head(setup.policy, path, cfg.scope, setup.init, setup.head_cfg, state.step)
+        def export(path: Path) -> list[str]:
+            return export_checkpoint(setup, cfg, path, state.step, StoreReader(cfg.store).info.model_identity)
 
         folder = C.save(
             run_dir,

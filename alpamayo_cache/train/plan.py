@@ -26,6 +26,13 @@ Terms (bytes):
 The awr training forward folds two draws (logged target, best sample): activations count 2 w tokens,
 and under the draws' block mask each kept layer also holds K/V repeated to the query heads and the fp32
 attention weights.
+
+
+A ``--vlm-from-layer k`` store adds the VLM's layers k..N-1 (resident in the training dtype): their
+LoRA adapters or full weights with grads and optimizer states under ``--train vlm-top``; the kv batch
+holds k layers plus the prompt's hidden states; activations add the recomputed K/V of layers k..N-1
+(the expert's inputs) and, when they train, each layer's checkpointed input plus one layer's forward and
+backward being recomputed (SDPA's fused kernels: no [L, L] score matrix on CUDA).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alpamayo_cache.config import ModelConfig
+from alpamayo_cache.errors import UserError
 from alpamayo_cache.runtime import human_bytes
 from alpamayo_cache.train.throughput import Throughput
 
@@ -74,6 +82,31 @@ def lora_parameter_count(cfg: ModelConfig, rank: int) -> int:
     return cfg.expert_layers * sum(rank * (a + b) for a, b in shapes)
 
 
+def vlm_layer_parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of one VLM text decoder layer (attention with q/k norms, MLP, two RMSNorms)."""
+    t = cfg.text
+    attn = 2 * t.hidden_size * t.num_heads * t.head_dim + 2 * t.hidden_size * t.num_kv_heads * t.head_dim
+    return attn + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size + 2 * t.head_dim
+
+
+def vlm_top_trainable_count(cfg: ModelConfig, first: int, mode: str, rank: int) -> int:
+    """Trainable parameters of ``--train vlm-top`` in the VLM layers first..N-1. The last layer only
+    trains what reaches its K/V: input norm, k/v projections, k-norm (or LoRA on k/v)."""
+    t = cfg.text
+    d, qd, kvd, mlp = (
+        t.hidden_size,
+        t.num_heads * t.head_dim,
+        t.num_kv_heads * t.head_dim,
+        t.intermediate_size,
+    )
+    if mode == "full":
+        last = d + 2 * d * kvd + t.head_dim
+        return (t.num_layers - 1 - first) * vlm_layer_parameter_count(cfg) + last
+    shapes = [(d, qd), (d, kvd), (d, kvd), (qd, d), (d, mlp), (d, mlp), (mlp, d)]
+    per_layer = sum(rank * (a + b) for a, b in shapes)
+    return (t.num_layers - 1 - first) * per_layer + 2 * rank * (d + kvd)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     weights: int
@@ -112,9 +145,22 @@ def plan(
     kv_itemsize: int = 2,
     draws: int = 1,
     sample_draws: int = 0,
+    vlm_from_layer: int | None = None,
+    vlm_train: str = "lora",
+    vlm_expert: str = "all",
 ) -> MemoryPlan:
     """Memory of one step. ``draws``: flow-matching draws folded into the training forward;
-    ``sample_draws``: trajectories sampled (no grad) per sample before it (awr's K; 0 for fm)."""
+    ``sample_draws``: trajectories sampled (no grad) per sample before it (awr's K; 0 for fm);
+    ``vlm_from_layer``: the store's --vlm-from-layer k (layers k.. run in every step)."""
+    if scope == "vlm-top" and vlm_from_layer is None:
+        raise ValueError("scope vlm-top needs vlm_from_layer")
+    expert_plan = plan(
+        cfg, prefix_len, micro_batch, vlm_expert if scope == "vlm-top" else scope, optimizer, checkpointing,
+        param_bytes, lora_rank, cuda, kv_itemsize, draws, sample_draws,
+    ) if vlm_from_layer is not None else None  # fmt: skip
+    if expert_plan is not None:
+        return _with_vlm_top(expert_plan, cfg, prefix_len, micro_batch, scope == "vlm-top", optimizer,
+                             checkpointing, param_bytes, lora_rank, kv_itemsize, vlm_from_layer, vlm_train)  # fmt: skip
     counts = head_parameter_count(cfg)
     total_params = sum(counts.values())
     if scope == "all":
@@ -177,6 +223,50 @@ def sampling_bytes(
     return concat_kv + repeated_kv + scores + tokens + mlp + dequantised
 
 
+def _with_vlm_top(
+    base: MemoryPlan,
+    cfg: ModelConfig,
+    prefix_len: int,
+    micro_batch: int,
+    training: bool,
+    optimizer: str,
+    checkpointing: bool,
+    param_bytes: int,
+    lora_rank: int,
+    kv_itemsize: int,
+    first: int,
+    mode: str,
+) -> MemoryPlan:
+    """``base`` (the expert's plan over a full store) with the VLM's layers first..N-1 added."""
+    t = cfg.text
+    b, L, n_top = micro_batch, prefix_len, t.num_layers - first
+    act = 2 if param_bytes == 2 else 4
+    weights, grads, optim = (
+        base.weights + n_top * vlm_layer_parameter_count(cfg) * param_bytes,
+        base.grads,
+        base.optimizer,
+    )
+    if training:
+        trainable = vlm_top_trainable_count(cfg, first, mode, lora_rank)
+        weights += trainable * 4 if mode == "lora" else 0  # adapters in fp32
+        grads += trainable * (4 if mode == "lora" else param_bytes)
+        optim += trainable * {"adamw": 8, "adamw8bit": 2}[optimizer]
+    token_kv = 2 * t.num_kv_heads * t.head_dim  # K and V values of one layer and token
+    kv_batch = (
+        b * L * (first * token_kv * kv_itemsize + t.hidden_size * (4 if kv_itemsize == 4 else 2) + 3 * 4)
+    )
+    fresh_kv = b * L * n_top * token_kv * act  # the expert's inputs for layers first..
+    qd, mlp = t.num_heads * t.head_dim, t.intermediate_size
+    one_layer = b * L * (6 * t.hidden_size + 4 * qd + 2 * token_kv + 4 * mlp) * act
+    if not training:
+        vlm_act = fresh_kv + one_layer  # no autograd graph: one layer alive at a time
+    elif checkpointing:
+        vlm_act = 2 * fresh_kv + n_top * b * L * t.hidden_size * act + 2 * one_layer  # K/V and their grads
+    else:
+        vlm_act = 2 * fresh_kv + n_top * one_layer
+    return MemoryPlan(weights, grads, optim, kv_batch, base.activations + vlm_act, base.overhead)
+
+
 @dataclass(frozen=True)
 class TrainPlan:
     """Memory of one step and disk of the run's checkpoints, with what they were computed for."""
@@ -217,26 +307,41 @@ def plan_for(
     checkpointing: bool,
     kv_dtype: str,
     throughput: Throughput | None = None,
+    vlm_from_layer: int | None = None,
 ) -> TrainPlan:
-    """The plan of ``train_cfg`` (a TrainConfig) on ``device`` for prefixes of ``prefix_len`` tokens."""
+    """The plan of ``train_cfg`` (a TrainConfig) on ``device`` for prefixes of ``prefix_len`` tokens
+    (``vlm_from_layer``: the store's --vlm-from-layer k, whose layers k.. run in every step)."""
+    scope = train_cfg.scope
+    if scope == "vlm-top" and vlm_from_layer is None:
+        raise UserError(
+            f"--train vlm-top needs a store made with --vlm-from-layer K; {train_cfg.store} holds every layer's K/V"
+        )
     cuda = device.startswith("cuda")
     param_bytes = 2 if cuda or train_cfg.dtype == "bf16" else 4
     kv_itemsize = {"bf16": 2, "fp32": 4, "fp8": 1, "int8": 1, "int4": 1}.get(kv_dtype, 2)
     awr = getattr(train_cfg, "objective", "fm") == "awr"  # + the logged target and K sampled draws
+    vlm_train, vlm_expert = getattr(train_cfg, "vlm_train", "lora"), getattr(train_cfg, "vlm_expert", "all")
     mem = plan(
-        model, prefix_len, train_cfg.micro_batch, train_cfg.scope, optimizer, checkpointing,
+        model, prefix_len, train_cfg.micro_batch, scope, optimizer, checkpointing,
         param_bytes=param_bytes, lora_rank=train_cfg.lora_rank, cuda=cuda, kv_itemsize=kv_itemsize,
         draws=2 if awr else 1, sample_draws=train_cfg.awr_samples if awr else 0,
+        vlm_from_layer=vlm_from_layer, vlm_train=vlm_train, vlm_expert=vlm_expert,
     )  # fmt: skip
     counts = head_parameter_count(model)
     groups = {"all": sum(counts.values()), "heads": counts["action_in_proj"] + counts["action_out_proj"]}
-    head_params = groups.get(train_cfg.scope, sum(counts.values()))  # lora exports merged full weights
-    trainable_bytes = (
-        mem.grads if train_cfg.scope != "lora" else lora_parameter_count(model, train_cfg.lora_rank) * 4
-    )
+    head_params = groups.get(scope, sum(counts.values()))  # lora exports merged full weights
+    trainable_bytes = mem.grads if scope != "lora" else lora_parameter_count(model, train_cfg.lora_rank) * 4
+    if scope == "vlm-top":  # + the merged VLM layers' file
+        head_params += (model.text.num_layers - vlm_from_layer) * vlm_layer_parameter_count(model)  # type: ignore[operator]
     one = head_params * param_bytes + trainable_bytes + mem.optimizer
+    top = (
+        f", VLM layers {vlm_from_layer}.. {vlm_train if scope == 'vlm-top' else 'frozen'}"
+        if vlm_from_layer is not None
+        else ""
+    )
+    what = f"vlm-top (expert {vlm_expert})" if scope == "vlm-top" else scope
     summary = (
-        f"{model.name}, L={prefix_len}, micro-batch {train_cfg.micro_batch}, {train_cfg.scope}, {optimizer}, "
+        f"{model.name}, L={prefix_len}, micro-batch {train_cfg.micro_batch}, {what}{top}, {optimizer}, "
         f"checkpointing {'on' if checkpointing else 'off'}, K/V {kv_dtype}"
         + (f", awr K={train_cfg.awr_samples}" if awr else "")
     )

@@ -24,6 +24,7 @@ GROUPS_BY_SCOPE = {
     "all": ("expert", "action_in_proj", "action_out_proj"),
     "heads": ("action_in_proj", "action_out_proj"),
     "lora": ("expert", "action_in_proj", "action_out_proj"),
+    "vlm-top": ("expert", "action_in_proj", "action_out_proj"),  # + the VLM layers' own file
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -82,13 +83,23 @@ def check_init(cfg: TrainConfig, reader: StoreReader, store_cfg: ModelConfig) ->
 
 
 def apply_scope(policy: Policy, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Freeze what is not trained; inject LoRA adapters for scope 'lora'. Returns trainable params."""
+    """Freeze what is not trained; inject LoRA adapters for scope 'lora'. Returns trainable params.
+    Scope 'vlm-top' trains the expert as ``--vlm-expert`` says and the VLM's top layers (``policy.vlm``)."""
     policy.requires_grad_(False)
     policy.action_in_proj.requires_grad_(True)
     policy.action_out_proj.requires_grad_(True)
-    if cfg.scope == "all":
+    expert_scope = cfg.vlm_expert if cfg.scope == "vlm-top" else cfg.scope
+    if cfg.scope == "vlm-top":
+        from alpamayo_cache.model.vlm_top import make_trainable
+
+        if not hasattr(policy, "vlm"):
+            raise UserError(
+                f"--train vlm-top needs a store made with --vlm-from-layer K; {cfg.store} holds every layer's K/V"
+            )
+        make_trainable(policy.vlm, cfg.vlm_train, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    if expert_scope == "all":
         policy.expert.requires_grad_(True)
-    elif cfg.scope == "lora":
+    elif expert_scope == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
         lora = LoraConfig(
@@ -106,9 +117,23 @@ def apply_scope(policy: Policy, cfg: TrainConfig) -> list[torch.nn.Parameter]:
     return [p for p in policy.parameters() if p.requires_grad]
 
 
+def export_checkpoint(setup: Setup, cfg: TrainConfig, path: Path, step: int, vlm_identity: str) -> list[str]:
+    """The checkpoint's model files: the head file at ``path``, and for scope vlm-top the VLM layers'
+    file next to it (release key names, LoRA merged). Returns the extra file names."""
+    export_head(setup.policy, path, cfg.scope, setup.init, setup.head_cfg, step)
+    if cfg.scope != "vlm-top":
+        return []
+    from alpamayo_cache.model.vlm_top import VLM_LAYERS
+
+    top = setup.policy.vlm  # type: ignore[attr-defined]
+    meta = {"first_layer": top.first, "vlm_identity": vlm_identity, "base": setup.init, "step": step}
+    save_tensors(path.parent / VLM_LAYERS, top.release_state(), meta)
+    return [VLM_LAYERS]
+
+
 def export_head(policy: Policy, path: Path, scope: str, base: str, cfg: ModelConfig, step: int) -> None:
     """Write the released-format head file (trained groups only); LoRA adapters are merged for it."""
-    lora_layers = [m for m in policy.modules() if hasattr(m, "merge") and hasattr(m, "lora_A")]
+    lora_layers = [m for m in policy.expert.modules() if hasattr(m, "merge") and hasattr(m, "lora_A")]
     for m in lora_layers:
         m.merge()
     try:
@@ -155,15 +180,28 @@ def build(
     init = resolve_init(cfg.init, reader)
     policy, head_cfg, described = load_head(init, cfg.attention or None)
     check_head_matches_store(head_cfg, store_cfg, described)
+    from alpamayo_cache.model.vlm_top import attach
+
+    policy = attach(policy, init, reader.info, store_cfg)  # k-stores: layers k.. recompute their K/V
     params = apply_scope(policy, cfg)
-    if device.startswith("cuda") and cfg.scope == "all":
+    full = cfg.scope == "all" or (cfg.scope == "vlm-top" and cfg.vlm_expert == "all")
+    if device.startswith("cuda") and full:
         policy.to(dtype)  # memory-lean: bf16 weights, grads and (8-bit or bf16) optimizer inputs
     elif device.startswith("cuda"):
         policy.expert.to(dtype)  # frozen (or LoRA-adapted) expert in bf16, trainables stay fp32
+        if hasattr(policy, "vlm"):
+            policy.vlm.to(dtype)
     policy.to(device)
     policy.gradient_checkpointing = checkpointing
     lr = cfg.lr if cfg.lr is not None else (3e-3 if head_cfg.toy else 5e-5)
-    optimizer = make_optimizer(params, optimizer_name, lr, cfg.weight_decay, cfg.betas)
+    groups: list = params
+    if cfg.scope == "vlm-top" and cfg.vlm_lr_scale != 1.0:
+        vlm_ids = {id(p) for p in policy.vlm.parameters()}  # type: ignore[union-attr]
+        groups = [
+            {"params": [p for p in params if id(p) not in vlm_ids]},
+            {"params": [p for p in params if id(p) in vlm_ids], "lr": lr * cfg.vlm_lr_scale},
+        ]
+    optimizer = make_optimizer(groups, optimizer_name, lr, cfg.weight_decay, cfg.betas)
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, lr, lr * cfg.min_lr_ratio)
     return Setup(policy, head_cfg, params, optimizer, scheduler, init, described, device, dtype)
 
