@@ -124,7 +124,7 @@ def test_plan_prints_the_throughput_model(tiny_store, tmp_path, caplog):
 
     sample = StoreReader(tiny_store).sample_dir(StoreReader(tiny_store).select("train")[0])
     nbytes, seconds = probe_read(sample)
-    files = [p for p in sample.rglob("c.*") if p.parent.name not in (F.THUMBS,)]
+    files = [p for p in sample.rglob("c.*") if p.parent.name not in (F.THUMBS, F.FRONT_IMAGE)]
     assert nbytes == sum(p.stat().st_size for p in files) and 0 < seconds < 5
     with caplog.at_level(logging.INFO, logger="alpamayo_cache"):
         run(TrainConfig(store=tiny_store, run_dir=tmp_path / "r", dry_run=True, device="cpu", steps=100))

@@ -123,15 +123,17 @@ def test_real_size_bytes_and_the_dry_run_table(synthetic_data, tmp_path, caplog)
         F.K_QUANT: (36, 2, 8, 94, 128),
         F.V_QUANT: (36, 2, 8, 2993, 4),
     }
-    sizes = {dt: F.sample_bytes(2993, 36, 8, 128, dt, 4096, 4) for dt in F.KV_ITEMSIZE}
-    codes, per_array = 36 * 2 * 8 * 2993 * 128, 4 + 700  # one byte per int8 code; crc + zarr.json per array
+    # block=1 counts payload bytes (no rounding to filesystem blocks), so the differences are exact.
+    sizes = {dt: F.sample_bytes(2993, 36, 8, 128, dt, 4096, 4, block=1) for dt in F.KV_ITEMSIZE}
+    codes, per_array = 36 * 2 * 8 * 2993 * 128, 4 + 900 + 1  # one byte per code; crc, zarr.json, folder
     int8_scales = (
         36 * 2 * 8 * 1 * 128 * 2 + 36 * 2 * 8 * 2993 * 1 * 2 + 2 * per_array
     )  # float16 (scale, zero)
     int4_scales = 36 * 2 * 8 * 94 * 128 * 2 + 36 * 2 * 8 * 2993 * 4 * 2 + 2 * per_array
     assert sizes["bf16"] - sizes["int8"] == codes - int8_scales
     assert sizes["int8"] - sizes["int4"] == codes // 2 + int8_scales - int4_scales
-    assert [round(sizes[d] / 1e6) for d in ("bf16", "fp8", "int8", "int4")] == [441, 221, 224, 138]
+    on_disk = {dt: F.sample_bytes(2993, 36, 8, 128, dt, 4096, 4) for dt in F.KV_ITEMSIZE}  # 4 KiB blocks
+    assert [round(on_disk[d] / 1e6) for d in ("bf16", "fp8", "int8", "int4")] == [442, 221, 225, 138]
     with caplog.at_level(logging.INFO, logger="alpamayo_cache"):
         precompute(precompute_cfg(synthetic_data, tmp_path / "store", dry_run=True, kv_dtype="int8"))
     table = next(r.getMessage() for r in caplog.records if "K/V options" in r.getMessage())

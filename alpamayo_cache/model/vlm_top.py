@@ -261,7 +261,9 @@ class CoTrainedPolicy(Policy):
         return super().forward(self.complete(prefix), action, timesteps, noise, weights)
 
     @torch.no_grad()
-    def sample(self, prefix: Prefix, noise: torch.Tensor, num_steps: int = 10) -> torch.Tensor:
+    def sample(self, prefix: Prefix, noise: torch.Tensor, num_steps: int = 10, uncond=None, guidance=None):
+        if uncond is not None:  # precompute refuses routes on --vlm-from-layer stores
+            raise UserError("a VLM-top model samples without guidance: its store holds no unguided prefix")
         return super().sample(self.complete(prefix), noise, num_steps)  # layers run once, not per step
 
 

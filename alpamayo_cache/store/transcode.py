@@ -45,6 +45,11 @@ def transcode(src: Path, dst: Path, kv_dtype: str, sample_ids: list[str] | None 
     reader = StoreReader(src)
     if (Path(dst) / "zarr.json").exists():
         raise UserError(f"{dst} is already a store: transcode writes a new one")
+    if reader.info.vlm_from_layer is not None or reader.info.inputs:
+        raise UserError(
+            f"{src} holds routes or --vlm-from-layer states, which transcode does not carry: run precompute "
+            f"with --kv-dtype {kv_dtype} instead"
+        )
     head_dim = int(reader.info.model_config.get("text", {}).get("head_dim", 0))
     group = default_group(kv_dtype, head_dim) if head_dim else default_group(kv_dtype)
     info = replace(
@@ -53,10 +58,10 @@ def transcode(src: Path, dst: Path, kv_dtype: str, sample_ids: list[str] | None 
         kv_group=group,
         fingerprint=F.StoreInfo.compute_fingerprint(
             reader.info.model_identity, reader.info.model_config, reader.info.prompt_mode, kv_dtype,
-            reader.info.compute_dtype, group,
+            reader.info.compute_dtype, kv_group=group,
         ),
     )  # fmt: skip
-    names = [F.HIDDEN, *F.TRUTH_ARRAYS, F.THUMBS]
+    names = [F.HIDDEN, *F.TRUTH_ARRAYS, F.THUMBS] + ([F.FRONT_IMAGE] if reader.has_front_images else [])
     writer = StoreWriter(dst, info)
     try:
         for sample_id in F.committed_samples(src) if sample_ids is None else sample_ids:

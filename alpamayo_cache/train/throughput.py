@@ -127,7 +127,7 @@ class Throughput:
             if self.compute_s_per_sample is not None
             else "no figure for this model and device"
         )
-        wall = self.steps * self.samples_per_step / self.samples_per_s
+        wall = self.steps * self.samples_per_step / self.samples_per_s if self.samples_per_s else float("inf")
         return (
             f"  throughput: {human_bytes(self.bytes_per_sample)} per sample; read probe "
             f"{human_bytes(int(self.read_bytes_per_s))}/s over {human_bytes(self.probe_bytes)} "
@@ -139,9 +139,12 @@ class Throughput:
         )
 
 
-def throughput(cfg, model: ModelConfig, sample_dir: Path, device: str) -> Throughput:
-    """The throughput model of ``cfg`` (a TrainConfig) reading samples like ``sample_dir`` on ``device``."""
+def throughput(cfg, model: ModelConfig, sample_dir: Path, device: str) -> Throughput | None:
+    """The throughput model of ``cfg`` (a TrainConfig) reading samples like ``sample_dir`` on ``device``;
+    None when the sample holds no chunk files to probe (a metadata-only store, as plan tests make)."""
     per_sample = sum(p.stat().st_size for p in feed_files(sample_dir))
+    if per_sample == 0:
+        return None
     probe_bytes, seconds = probe_read(sample_dir)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     base = COMPUTE_S_PER_SAMPLE.get((size_class(model), kind))
