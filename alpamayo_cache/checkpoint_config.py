@@ -14,7 +14,6 @@ Whatever the file does not say comes from the release's preset.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from alpamayo_cache.config import (
     VisionConfig,
 )
 from alpamayo_cache.errors import UserError
+from alpamayo_cache.model.weights import release_config
 
 # model_type -> the preset whose prompt layout and defaults that release uses.
 BASES: dict[str, ModelConfig] = {
@@ -37,22 +37,6 @@ BASES: dict[str, ModelConfig] = {
     "alpamayo1_5": ALPAMAYO_15,
     "alpamayo2_super": ALPAMAYO_2_SUPER,
 }
-
-
-def read_json(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{folder} has no config.json: point at an Alpamayo checkpoint folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON: the checkpoint folder is damaged") from None
-    found = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if found not in BASES:
-        raise UserError(
-            f"{path} has model_type {found!r}, not one of {sorted(BASES)}: not an Alpamayo checkpoint"
-        )
-    return cfg
 
 
 def _text(text: dict, base: TextConfig, vocab: int | None) -> TextConfig:
@@ -94,7 +78,7 @@ def _known(cls: type, data: dict, base: Any) -> Any:
 
 def read_checkpoint_config(folder: Path) -> ModelConfig:
     """The dimensions and layout of a local R1 / 1.5 / 2 Super checkpoint folder."""
-    cfg = read_json(folder)
+    cfg = release_config(folder)
     base = BASES[cfg["model_type"]]
     vlm = cfg.get("vlm_config") or cfg
     text = vlm.get("text_config", {})

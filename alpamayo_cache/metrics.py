@@ -293,24 +293,7 @@ def summarise(
         "regressions": {},
     }
     for name, rows in per_sample.items():
-        results["overall"][name] = aggregate(rows)
-        values = np.array([[r[k] for r in rows] for k in KEY_METRICS]).reshape(len(KEY_METRICS), n)
-        if n and len(set(clip_ids)) >= MIN_CLIPS:
-            low, high = np.percentile(
-                cluster_bootstrap(values, clip_ids, cfg.seed, cfg.bootstrap), [2.5, 97.5], -1
-            )
-            results["overall_ci"][name] = {
-                k: {"ci_low": float(lo), "ci_high": float(hi)}
-                for k, lo, hi in zip(KEY_METRICS, low, high, strict=True)
-            }
-        results["by_curvature"][name] = {
-            b: aggregate([r for r, rb in zip(rows, bins, strict=True) if rb == b]) for b in sorted(set(bins))
-        }
-        if len(set(camera_sets)) > 1:
-            results["by_camera_set"][name] = {
-                c: aggregate([r for r, rc in zip(rows, camera_sets, strict=True) if rc == c])
-                for c in sorted(set(camera_sets))
-            }
+        _describe_model(results, cfg, name, rows, bins, camera_sets, clip_ids)
     base = per_sample["baseline"]
     for name, rows in per_sample.items():
         if name == "baseline":
@@ -332,6 +315,37 @@ def summarise(
         }
         results["regressions"][name] = regressions(paired)
     return results
+
+
+def _describe_model(
+    results: dict,
+    cfg,
+    name: str,
+    rows: list[dict],
+    bins: list[str],
+    camera_sets: list[str],
+    clip_ids: list[str],
+) -> None:
+    """One model's means (with clip-level intervals when there are enough clips), per bin, per camera set."""
+    n = len(bins)
+    results["overall"][name] = aggregate(rows)
+    values = np.array([[r[k] for r in rows] for k in KEY_METRICS]).reshape(len(KEY_METRICS), n)
+    if n and len(set(clip_ids)) >= MIN_CLIPS:
+        low, high = np.percentile(
+            cluster_bootstrap(values, clip_ids, cfg.seed, cfg.bootstrap), [2.5, 97.5], -1
+        )
+        results["overall_ci"][name] = {
+            k: {"ci_low": float(lo), "ci_high": float(hi)}
+            for k, lo, hi in zip(KEY_METRICS, low, high, strict=True)
+        }
+    results["by_curvature"][name] = {
+        b: aggregate([r for r, rb in zip(rows, bins, strict=True) if rb == b]) for b in sorted(set(bins))
+    }
+    if len(set(camera_sets)) > 1:
+        results["by_camera_set"][name] = {
+            c: aggregate([r for r, rc in zip(rows, camera_sets, strict=True) if rc == c])
+            for c in sorted(set(camera_sets))
+        }
 
 
 def bin_order(name: str) -> int:

@@ -72,9 +72,14 @@ def run(cfg: PipelineConfig) -> dict:
     )  # fmt: skip
     report = Path(metrics["out_dir"]) / "report.md"
     paired = metrics["paired"][run_dir.name]["min_ade"]
+    interval = (
+        f"95% CI [{paired['ci_low']:.3f}, {paired['ci_high']:.3f}]"
+        if paired.get("ci_low") is not None
+        else "no interval: too few validation clips"
+    )
     log.info(
         f"pipeline: {pre.written + pre.skipped} samples cached, {result.step} steps trained; min_ade "
         f"{metrics['overall']['baseline']['min_ade']:.3f} -> {metrics['overall'][run_dir.name]['min_ade']:.3f} m "
-        f"(paired delta {paired['mean']:.3f}, 95% CI [{paired['ci_low']:.3f}, {paired['ci_high']:.3f}])"
+        f"(paired delta {paired['mean']:.3f}, {interval})"
     )
     return {"store": store, "run_dir": run_dir, "report": report, "metrics": metrics}

@@ -212,11 +212,8 @@ def _train(
             if setup.device.startswith("cuda"):
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated(setup.device) / GIB
             if val_set is not None and (state.step % cfg.val_every == 0 or state.step == cfg.steps):
-                last_val = record["val_loss"] = validation_loss(
-                    setup.policy, val_set, cfg, setup.device, setup.dtype
-                )
+                last_val = record["val_loss"] = _validate(cfg, setup, val_set)
                 result.val_losses.append((state.step, last_val))
-                setup.policy.train()
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -231,17 +228,27 @@ def _train(
     accelerator.end_training()
     result.step = state.step
     result.data_wait_share = waited / wall if wall else 0.0
-    if result.losses:
-        log.info(
-            f"trained to step {state.step}/{cfg.steps}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
-            f"waiting for data {100 * result.data_wait_share:.0f}% of the time; checkpoint {result.checkpoint}"
-        )
+    _report(cfg, result)
     if stop.requested:
         log.warning(
             f"interrupted at step {state.step}; continue with: alpamayo-cache train {cfg.store} --run-dir {run_dir} --resume"
         )
         raise KeyboardInterrupt
     return result
+
+
+def _validate(cfg: TrainConfig, setup: Setup, val_set: CachedFeatures) -> float:
+    loss = validation_loss(setup.policy, val_set, cfg, setup.device, setup.dtype)
+    setup.policy.train()
+    return loss
+
+
+def _report(cfg: TrainConfig, result: TrainResult) -> None:
+    if result.losses:
+        log.info(
+            f"trained to step {result.step}/{cfg.steps}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
+            f"waiting for data {100 * result.data_wait_share:.0f}% of the time; checkpoint {result.checkpoint}"
+        )
 
 
 def _agree(accelerator, flag: bool) -> bool:

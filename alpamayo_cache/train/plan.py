@@ -161,24 +161,7 @@ def plan(
     if expert_plan is not None:
         return _with_vlm_top(expert_plan, cfg, prefix_len, micro_batch, scope == "vlm-top", optimizer,
                              checkpointing, param_bytes, lora_rank, kv_itemsize, vlm_from_layer, vlm_train)  # fmt: skip
-    counts = head_parameter_count(cfg)
-    total_params = sum(counts.values())
-    if scope == "all":
-        trainable = total_params
-    elif scope == "heads":
-        trainable = counts["action_in_proj"] + counts["action_out_proj"]
-    elif scope == "lora":
-        trainable = (
-            lora_parameter_count(cfg, lora_rank) + counts["action_in_proj"] + counts["action_out_proj"]
-        )
-    else:
-        raise ValueError(f"unknown scope {scope!r}")
-    extra_lora = lora_parameter_count(cfg, lora_rank) * 4 if scope == "lora" else 0
-    weights = total_params * param_bytes + extra_lora
-    grad_bytes = 4 if scope == "lora" else param_bytes
-    grads = trainable * grad_bytes
-    optimizer_bytes = {"adamw": 8, "adamw8bit": 2}[optimizer]
-    optim = trainable * optimizer_bytes
+    weights, grads, optim = parameter_bytes(cfg, scope, optimizer, param_bytes, lora_rank)
 
     e, t = cfg.expert, cfg.text
     w = cfg.n_waypoints * draws  # action tokens of the training forward
@@ -202,6 +185,31 @@ def plan(
         activations = cfg.expert_layers * per_layer
     sampling = sampling_bytes(cfg, prefix_len, micro_batch, sample_draws, act_bytes, kv_itemsize)
     return MemoryPlan(weights, grads, optim, kv_batch, activations, CUDA_OVERHEAD if cuda else 0, sampling)
+
+
+def parameter_bytes(
+    cfg: ModelConfig, scope: str, optimizer: str, param_bytes: int, lora_rank: int
+) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer states) of the head under ``scope``."""
+    counts = head_parameter_count(cfg)
+    total_params = sum(counts.values())
+    if scope == "all":
+        trainable = total_params
+    elif scope == "heads":
+        trainable = counts["action_in_proj"] + counts["action_out_proj"]
+    elif scope == "lora":
+        trainable = (
+            lora_parameter_count(cfg, lora_rank) + counts["action_in_proj"] + counts["action_out_proj"]
+        )
+    else:
+        raise ValueError(f"unknown scope {scope!r}")
+    extra_lora = lora_parameter_count(cfg, lora_rank) * 4 if scope == "lora" else 0
+    weights = total_params * param_bytes + extra_lora
+    grad_bytes = 4 if scope == "lora" else param_bytes
+    grads = trainable * grad_bytes
+    optimizer_bytes = {"adamw": 8, "adamw8bit": 2}[optimizer]
+    optim = trainable * optimizer_bytes
+    return weights, grads, optim
 
 
 def sampling_bytes(
