@@ -16,14 +16,8 @@ from alpamayo_cache.config import TINY
 from alpamayo_cache.data import clip_folder as cf
 from alpamayo_cache.data.samples import SampleSpec, keyframes, load_sample, plan_samples
 from alpamayo_cache.data.source import BadClip, DevKitSource, FolderSource, open_source
-from alpamayo_cache.data.synthetic import (
-    clip_calibration,
-    drive,
-    lane_points,
-    plan_clips,
-    render_camera,
-    write_clip_folder,
-)
+from alpamayo_cache.data.synthetic import drive, plan_clips, write_clip_folder
+from alpamayo_cache.data.synthetic_render import clip_calibration, lane_points, render_camera
 from alpamayo_cache.errors import UserError
 from tests.conftest import TINY_CAMERAS, precompute_cfg
 
@@ -353,7 +347,7 @@ def test_converter_example_on_a_synthetic_dump(tmp_path):
 
 
 def test_synthetic_videos_are_byte_identical_run_to_run():
-    from alpamayo_cache.data.synthetic import _encode_video
+    from alpamayo_cache.data.synthetic_render import encode_video
 
     plan = plan_clips(1, seed=0)[0]
     frames = render_camera(
@@ -362,4 +356,4 @@ def test_synthetic_videos_are_byte_identical_run_to_run():
         clip_calibration(plan.clip_id, TINY_CAMERAS, SIZE),
         121,
     )
-    assert len({_encode_video(frames) for _ in range(4)}) == 1  # x264's mbtree made ~1 in 4 differ
+    assert len({encode_video(frames) for _ in range(4)}) == 1  # x264's mbtree made ~1 in 4 differ
