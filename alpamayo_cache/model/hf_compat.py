@@ -76,3 +76,30 @@ def seeded_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     missed = [name for name, p in model.named_parameters() if id(p) not in done]
     if missed:
         raise RuntimeError(f"seeded_init does not know how to draw {missed[0]} ({len(missed)} in all)")
+
+
+def causal_mask(
+    config: Any, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> Any:
+    """The attention mask a Qwen3-VL text model builds for a fresh (cache-less) forward over ``embeds``:
+    4.x's ``create_causal_mask`` takes input_embeds, cache_position and past_key_values, 5.x's
+    inputs_embeds and cache (no cache_position)."""
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+    }
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    kwargs["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
+    return create_causal_mask(**kwargs)
+
+
+def cache_keyword(layer: Any) -> str:
+    """The name under which a decoder layer takes its K/V cache: ``past_key_values`` (4.x) or ``cache``
+    (5.x)."""
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"

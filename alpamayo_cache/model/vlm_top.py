@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from alpamayo_cache.config import ModelConfig, resolve_model
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.model.expert import Prefix, PromptStates, hf_text_config
+from alpamayo_cache.model.hf_compat import cache_keyword, causal_mask
 from alpamayo_cache.model.policy import Policy
 
 # Key prefix of the VLM's text layers in a released Alpamayo-R1 checkpoint.
@@ -72,14 +73,15 @@ class _Capture:
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None):
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        # Extra arguments (4.x: cache_kwargs; 5.x: kwargs=...) carry nothing a capture needs.
         self.key, self.value = key, value
         return key, value
 
 
 def _layer_and_kv(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, ...]:
     capture = _Capture()
-    out = layer(hidden, past_key_values=capture, **kwargs)
+    out = layer(hidden, **{cache_keyword(layer): capture}, **kwargs)
     out = out[0] if isinstance(out, tuple) else out
     return out, capture.key, capture.value  # type: ignore[return-value]
 
@@ -132,8 +134,6 @@ class VLMTop(nn.Module):
         self, prompt: PromptStates, checkpointing: bool = False
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V [b, h, t, d] of layers first..N-1 from the hidden states entering layer ``first``."""
-        from transformers.masking_utils import create_causal_mask
-
         dtype = self.layers[str(self.first)].input_layernorm.weight.dtype
         hidden = prompt.hidden.to(dtype)
         positions = prompt.position_ids.long()  # [3, b, t]
@@ -142,14 +142,7 @@ class VLMTop(nn.Module):
         cache_position = torch.arange(t, device=hidden.device)
         # The mask and rotary embedding the VLM's text model builds for its own forward. Right-padded
         # prompts need no padding mask: causal attention never lets a real token see the padding after it.
-        mask = create_causal_mask(
-            config=self.config,
-            input_embeds=hidden,
-            attention_mask=mask2d.to(hidden.device),
-            cache_position=cache_position,
-            past_key_values=None,
-            position_ids=positions[0],
-        )
+        mask = causal_mask(self.config, hidden, mask2d.to(hidden.device), positions[0])
         kwargs = dict(
             attention_mask=mask,
             position_ids=positions[0],
