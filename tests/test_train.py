@@ -188,3 +188,20 @@ def test_two_ranks_resume_exactly(tiny_store, tmp_path):
     )
     both = _launch(tiny_store, tmp_path / "split", 2, "--steps", "4", "--micro-batch", "2", "--resume")
     assert len(first) == 2 and both == full
+
+
+def test_resume_accepts_a_setting_added_later_at_its_default(tmp_path):
+    """A run whose config.json predates a setting resumes when the setting keeps its default, and is
+    refused when the setting is changed."""
+    import dataclasses
+
+    from alpamayo_cache.options import to_jsonable
+    from alpamayo_cache.train.checkpoints import check_resume_settings
+
+    cfg = TrainConfig(store=tmp_path)
+    saved = to_jsonable(cfg)
+    del saved["awr_samples"]  # as if the run started before the option existed
+    (tmp_path / "config.json").write_text(json.dumps({"train": saved}))
+    check_resume_settings(tmp_path, cfg)
+    with pytest.raises(UserError, match="awr_samples: 4 -> 8"):
+        check_resume_settings(tmp_path, dataclasses.replace(cfg, awr_samples=8))

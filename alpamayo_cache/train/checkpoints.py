@@ -17,6 +17,7 @@ Retention keeps the newest ``keep`` checkpoints plus the best by validation loss
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -141,7 +142,14 @@ def check_resume_settings(run_dir: Path, cfg: TrainConfig) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"--resume: {path} is missing or damaged; cannot check the run's settings") from None
     now = to_jsonable(cfg)
-    changed = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v}
+    # A setting the run's config.json lacks (added to the program after the run started) is unchanged
+    # when it still has its default: the run trained under that default.
+    defaults = to_jsonable(dataclasses.replace(cfg, **{f.name: f.default for f in _defaulted(cfg)}))
+    changed = {
+        k: (saved.get(k, defaults[k]), v)
+        for k, v in now.items()
+        if k not in RESUME_FREE and saved.get(k, defaults[k]) != v
+    }
     if not changed:
         return
     listing = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
@@ -152,6 +160,10 @@ def check_resume_settings(run_dir: Path, cfg: TrainConfig) -> None:
     with open(Path(run_dir) / "config_history.jsonl", "a") as f:
         f.write(json.dumps({"changed": {k: {"from": a, "to": b} for k, (a, b) in changed.items()}}) + "\n")
     log.warning(f"resuming with changed settings: {listing} (recorded in config_history.jsonl)")
+
+
+def _defaulted(cfg: TrainConfig) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING]
 
 
 def _steps(run_dir: Path) -> list[Path]:
