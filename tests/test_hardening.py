@@ -75,7 +75,7 @@ class _EvilIds:
 
 
 def test_d1_clip_ids_are_data_never_paths(synthetic_data, tmp_path, monkeypatch):
-    import alpamayo_cache.precompute as stage
+    import alpamayo_cache.precompute_plan as stage  # where precompute opens its data
     from alpamayo_cache.data.source import open_source
 
     evil = ["../../../escape", str(tmp_path / "absolute"), "a" * 300, "ok/../../x"]
