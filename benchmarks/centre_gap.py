@@ -42,7 +42,7 @@ def main() -> None:
     try:
         precompute.run(
             PrecomputeConfig(
-                store=store, model="tiny", keyframes="stride:1", vlm_from_layer=1, device="cpu",
+                store=store, model="tiny", keyframes="stride:1", val_percent=25, vlm_from_layer=1, device="cpu",
                 synthetic_clips=args.clips, synthetic_dir=work / "synthetic", seed=args.seed,
             )
         )  # fmt: skip
