@@ -54,7 +54,7 @@ def _metavar(cli_type: Any) -> str:
 
 def _show_default(value: Any) -> str | bool:
     if value is None or value == ():
-        return False
+        return "none"  # unset: the option's help says what that means
     if isinstance(value, tuple):
         return " ".join(map(str, value))
     return str(value)

@@ -33,7 +33,7 @@ from alpamayo_cache.options import to_jsonable
 from alpamayo_cache.runtime import autocast, compute_dtype, log, progress, resolve_device
 from alpamayo_cache.store.dataset import CachedFeatures, collate, epoch_batches
 from alpamayo_cache.store.reader import StoreReader
-from alpamayo_cache.train.checkpoints import RunLock, is_run_folder, latest_checkpoint
+from alpamayo_cache.train.checkpoints import RunLock, is_run_folder, resolve_checkpoint
 from alpamayo_cache.train.setup import check_head_matches_store, resolve_init
 
 __all__ = ["EvalConfig", "run", "sample_noise"]
@@ -45,23 +45,6 @@ def run_folder_of(path: Path) -> Path | None:
         if (folder / "checkpoints").is_dir():
             return folder
     return None
-
-
-def resolve_checkpoint(spec: str) -> str:
-    """A run folder means its newest intact checkpoint's head file; refuse what does not exist."""
-    path = Path(spec)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise UserError(f"run folder {path} has no complete checkpoint yet")
-        return str(ckpt / "head.safetensors")
-    if path.is_dir() and (path / "head.safetensors").is_file():
-        return str(path / "head.safetensors")
-    if not path.exists():
-        raise UserError(f"--checkpoint {spec} does not exist: pass a run folder (runs/<name>) or a head file")
-    if path.is_file() and path.suffix == ".safetensors":
-        return spec
-    raise UserError(f"--checkpoint {spec} is neither a run folder nor a .safetensors head file")
 
 
 def default_out_dir(cfg: EvalConfig, checkpoints: list[str]) -> Path:

@@ -25,14 +25,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from alpamayo_cache.config import ModelConfig, resolve_model
 from alpamayo_cache.configs import ExportConfig
 from alpamayo_cache.errors import UserError
 from alpamayo_cache.integrity import folder_problems
 from alpamayo_cache.model.vlm_top import VLM_LAYERS
-from alpamayo_cache.model.weights import INDEX_NAME, SINGLE_NAME, load_head_file, release_config
+from alpamayo_cache.model.weights import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    load_head_file,
+    release_config,
+    write_safetensors,
+)
 from alpamayo_cache.runtime import human_bytes, log
 from alpamayo_cache.train.checkpoints import HEAD, latest_checkpoint
 
@@ -120,7 +125,7 @@ def from_release(base: Path, changed: dict[str, torch.Tensor], out: Path, link: 
                 k: _cast(k, changed[k], f.get_tensor(k)) if k in changed else f.get_tensor(k)
                 for k in f.keys()
             }
-        save_file(tensors, str(out / shard), metadata=meta)
+        write_safetensors(out / shard, tensors, meta)
         done[shard] = "rewritten"
     for path in sorted(base.iterdir()):  # config, index, tokenizer and other small files, as they are
         if path.is_file() and not path.name.endswith(".safetensors"):
@@ -191,7 +196,7 @@ def whole_model(
     weight_map, done = {}, {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
+        write_safetensors(out / name, shard, {"format": "pt"})
         weight_map.update({k: name for k in shard})
         done[name] = "written"
     total = sum(v.numel() * v.element_size() for s in shards for v in s.values())

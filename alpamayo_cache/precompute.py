@@ -11,6 +11,7 @@ the rewards of reward-weighted fine-tuning and eval.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from alpamayo_cache.runtime import (
 )
 from alpamayo_cache.store import format as F
 from alpamayo_cache.store.quant import default_group
+from alpamayo_cache.store.reader import StoreReader
 from alpamayo_cache.store.writer import StoreWriter
 
 __all__ = ["PrecomputeConfig", "PrecomputeResult", "SYNTHETIC", "run"]
@@ -103,6 +105,7 @@ def run(cfg: PrecomputeConfig) -> PrecomputeResult:
             f"the plan needs {human_bytes(result.expected_bytes)} but {probe} has {human_bytes(free)} free: "
             "use --limit, --kv-dtype fp8, or another --store"
         )
+    _check_existing_store(store, cfg, model, kv_dtype)
     from alpamayo_cache.model.vlm import FrozenVLM
 
     log.info(f"loading the VLM ({model.name}) on {device} ...")
@@ -301,6 +304,30 @@ def sample_arrays(sample: Sample, enc, space: UnicycleActionSpace, kv_dtype: str
     return arrays
 
 
+def _check_existing_store(store: Path, cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> None:
+    """Refuse a store of other options before the (minutes-long) VLM load; the writer then checks the
+    whole fingerprint, which needs the loaded VLM's identity."""
+    if not (Path(store) / "zarr.json").is_file():
+        return
+    stored = F.read_info(store)
+    config = json.loads(json.dumps(model.to_dict()))  # as stored: tuples become lists
+    mine = (model.name, config, cfg.prompt_mode, kv_dtype, cfg.vlm_from_layer)
+    theirs = (
+        stored.model_name,
+        stored.model_config,
+        stored.prompt_mode,
+        stored.kv_dtype,
+        stored.vlm_from_layer,
+    )
+    if mine != theirs:
+        raise UserError(
+            f"store {store} was made by {stored.model_name}/{stored.prompt_mode}/kv {stored.kv_dtype}"
+            f"{'' if stored.vlm_from_layer is None else f'/vlm-from-layer {stored.vlm_from_layer}'} (fingerprint "
+            f"{stored.fingerprint}); this run "
+            f"is {model.name}/{cfg.prompt_mode}/kv {kv_dtype}: use another --store or the store's options"
+        )
+
+
 def _summarise(result: PrecomputeResult) -> None:
     log.info(
         f"precompute done: {result.written} written, {result.skipped} already there, {len(result.failed)} failed -> {result.store}"
@@ -314,3 +341,9 @@ def _summarise(result: PrecomputeResult) -> None:
         top = Counter(reason.split(":")[0] for reason in result.failed.values()).most_common(1)
         why = f" (most common reason: {top[0][0]})" if top else ""
         raise UserError(f"no sample could be made{why}: see {result.store / F.FAILURES_DIR} for every reason")
+    splits = Counter(info.split for info in StoreReader(result.store).sample_infos().values())
+    if not splits.get("val"):
+        log.warning(
+            f"{result.store} has no 'val' samples (clips are held out by a hash of their id, --val-percent): "
+            "train gets no validation loss and eval needs --split all or more clips"
+        )

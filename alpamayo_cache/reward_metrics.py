@@ -39,8 +39,8 @@ REPORT_KEYS = (
     "reward/trust_gated",
 )
 CONVENTION = (
-    "heuristic rewards in [0, 1] (higher is better), default weights (safety 1.5, gt 0.5 x trust, reasoning "
-    "0.3, comfort 0); *_best: the best of K by total reward, *_mean: mean over K; gt_is_best: share of "
+    "heuristic reward terms in [0, 1] (higher is better); total = their weighted sum (default weights: "
+    "safety 1.5, gt 0.5 x trust, reasoning 0.3, comfort 0, so up to 2.3); *_best: the best of K by total reward, *_mean: mean over K; gt_is_best: share of "
     "samples where the logged trajectory scores at least the best of K"
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -141,5 +142,10 @@ def test_ctrl_c_saves_the_step_and_exits_130(tiny_store, tmp_path):
     assert proc.returncode == 130, out
     steps = len(metrics.read_text().splitlines())
     assert (run_dir / "checkpoints" / f"step-{steps:06d}" / "head.safetensors").is_file(), out
-    flat = " ".join(out.split())  # the log wraps long lines
-    assert "continue with: alpamayo-cache train" in flat and "--resume" in flat, out
+    command = next(line for line in out.splitlines() if line.startswith("alpamayo-cache train "))
+    assert "steps=400" in command and command.endswith("--resume"), command  # the run's own settings
+    # The printed command as it stands (two more steps of it), run through this interpreter.
+    words = [sys.executable, "-m", "alpamayo_cache", *shlex.split(command)[1:], "--stop-after", "2"]
+    resumed = subprocess.run(words, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert len(metrics.read_text().splitlines()) == steps + 2

@@ -114,10 +114,19 @@ def test_damaged_chunk_is_detected_and_named(tiny_store, tmp_path, damage):
         StoreReader(store).read(sample_id)
 
 
-def test_store_of_another_model_or_prompt_is_refused(tiny_store, synthetic_data):
-    with pytest.raises(UserError, match="fingerprint"):
+def test_store_of_another_model_or_prompt_is_refused(tiny_store, synthetic_data, monkeypatch):
+    import alpamayo_cache.model.vlm as vlm_module
+
+    def no_vlm(*args, **kwargs):
+        raise AssertionError("the VLM was loaded before the store's options were checked")
+
+    monkeypatch.setattr(vlm_module, "FrozenVLM", no_vlm)  # refused before the (slow) VLM load
+    with pytest.raises(
+        UserError,
+        match=r"made by tiny/traj-only/kv fp32 \(fingerprint \w+\); this run is tiny/reasoning/kv fp32",
+    ):
         run(precompute_cfg(synthetic_data, tiny_store, keyframes="stride:1.5", prompt_mode="reasoning"))
-    with pytest.raises(UserError, match="fingerprint"):
+    with pytest.raises(UserError, match="this run is tiny/traj-only/kv bf16"):
         run(precompute_cfg(synthetic_data, tiny_store, keyframes="stride:1.5", kv_dtype="bf16"))
 
 

@@ -205,3 +205,15 @@ def test_resume_accepts_a_setting_added_later_at_its_default(tmp_path):
     check_resume_settings(tmp_path, cfg)
     with pytest.raises(UserError, match="awr_samples: 4 -> 8"):
         check_resume_settings(tmp_path, dataclasses.replace(cfg, awr_samples=8))
+
+
+def test_saved_tensors_get_the_usual_file_permissions(tmp_path):
+    """safetensors creates files 0600; checkpoints and exports must be readable like any other file."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        save_tensors(tmp_path / "head.safetensors", {"w": torch.zeros(2)}, {"step": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "head.safetensors").stat().st_mode & 0o777 == 0o644

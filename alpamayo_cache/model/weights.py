@@ -9,6 +9,7 @@ and evaluation never touch the VLM's bytes.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -154,13 +155,22 @@ def load_released(module: torch.nn.Module, folder: Path) -> None:
     load_into(module, read_head_tensors(folder, cfg.head_key_prefix if cfg else ""), str(folder))
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors' writer, with the permissions any other file gets (it creates files 0600, which
+    would hide a checkpoint or an export from the other users of a shared disk)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     """Write a safetensors file atomically (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
+        write_safetensors(tmp, state, {k: json.dumps(v) for k, v in (meta or {}).items()})
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,3 +316,34 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(k + "\n" for k in kept))
     os.replace(tmp, path)
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """A run folder means its newest intact checkpoint's head file; refuse what does not exist."""
+    path = Path(spec)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise UserError(f"run folder {path} has no complete checkpoint yet")
+        return str(ckpt / "head.safetensors")
+    if path.is_dir() and (path / "head.safetensors").is_file():
+        return str(path / "head.safetensors")
+    if not path.exists():
+        raise UserError(f"--checkpoint {spec} does not exist: pass a run folder (runs/<name>) or a head file")
+    if path.is_file() and path.suffix == ".safetensors":
+        return spec
+    raise UserError(f"--checkpoint {spec} is neither a run folder nor a .safetensors head file")
+
+
+def resume_command(cfg: TrainConfig, run_dir: Path) -> str:
+    """The command that continues this run: its store and folder plus every setting that differs from
+    its default, so the resume finds the run's own settings."""
+    now = to_jsonable(cfg)
+    defaults = to_jsonable(dataclasses.replace(cfg, **{f.name: f.default for f in _defaulted(cfg)}))
+    sets = [
+        f"--set {shlex.quote(f'{k}={json.dumps(v)}')}"
+        for k, v in now.items()
+        if k not in RESUME_FREE and k != "store" and v != defaults[k]
+    ]
+    words = ["alpamayo-cache train", shlex.quote(str(cfg.store)), "--run-dir", shlex.quote(str(run_dir))]
+    return " ".join([*words, *sets, "--resume"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -230,9 +231,9 @@ def _train(
     result.data_wait_share = waited / wall if wall else 0.0
     _report(cfg, result)
     if stop.requested:
-        log.warning(
-            f"interrupted at step {state.step}; continue with: alpamayo-cache train {cfg.store} --run-dir {run_dir} --resume"
-        )
+        # The command on a line of its own, unwrapped, so it can be copied as it stands.
+        log.warning(f"interrupted at step {state.step}; continue with the command below")
+        print(C.resume_command(cfg, run_dir), file=sys.stderr, flush=True)
         raise KeyboardInterrupt
     return result
 

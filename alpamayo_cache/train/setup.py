@@ -15,8 +15,9 @@ from alpamayo_cache.errors import UserError
 from alpamayo_cache.model.head import head_config, load_head
 from alpamayo_cache.model.policy import Policy
 from alpamayo_cache.model.weights import REBUILT_SUFFIX, is_head_key, save_tensors, to_release_keys
-from alpamayo_cache.runtime import compute_dtype, resolve_device
+from alpamayo_cache.runtime import compute_dtype, log, resolve_device
 from alpamayo_cache.store.reader import StoreReader
+from alpamayo_cache.train.checkpoints import HEAD, resolve_checkpoint
 from alpamayo_cache.train.optim import cosine_with_warmup, make_optimizer, resolve_optimizer
 
 # The parameter groups a scope trains, as top-level module names (= the released key prefixes).
@@ -37,11 +38,22 @@ def select_samples(reader: StoreReader, cfg: TrainConfig) -> tuple[list[str], li
             f"split {cfg.split!r} of {cfg.store} has no samples (camera sets {camera_sets or 'all'})"
         )
     val_ids = reader.select(cfg.val_split, camera_sets) if cfg.val_split else []
+    if cfg.route_dropout > 0 and not any(reader.sample_info(s).has_route for s in train_ids):
+        log.warning(f"--route-dropout {cfg.route_dropout}: no training sample has a route, nothing to drop")
+    if cfg.val_split and not val_ids:
+        log.warning(
+            f"split {cfg.val_split!r} of {cfg.store} is empty: no validation loss, and eval's default split "
+            "has nothing to score (precompute more clips or a larger --val-percent)"
+        )
     return train_ids, val_ids
 
 
 def resolve_init(init: str, reader: StoreReader) -> str:
-    """``auto``: the preset the store was made with; a store made from a release folder needs --init."""
+    """``auto``: the preset the store was made with (a store made from a release folder needs --init); a
+    run or checkpoint folder: its (newest intact) head file; anything else as given."""
+    path = Path(init)
+    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / HEAD).is_file()):
+        return resolve_checkpoint(init)  # a run: its newest intact checkpoint's head
     if init != "auto":
         return init
     if reader.info.model_identity.startswith("preset:"):
