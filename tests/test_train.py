@@ -217,3 +217,17 @@ def test_saved_tensors_get_the_usual_file_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "head.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_init_from_a_run_folder_starts_from_its_newest_checkpoint(tiny_store, tmp_path):
+    """--init <run folder> (or one of its checkpoint folders) starts from that run's trained head."""
+    from alpamayo_cache.train.setup import resolve_init
+
+    first = run(cfg(tiny_store, tmp_path / "first", steps=4, save_every=2))
+    reader = StoreReader(tiny_store)
+    head = str(first.checkpoint / "head.safetensors")
+    assert resolve_init(str(tmp_path / "first"), reader) == head
+    assert resolve_init(str(first.checkpoint), reader) == head
+    second = run(cfg(tiny_store, tmp_path / "second", steps=1, init=str(tmp_path / "first")))
+    fresh = run(cfg(tiny_store, tmp_path / "fresh", steps=1))
+    assert second.losses != fresh.losses  # the trained head, not the preset's seeded one
