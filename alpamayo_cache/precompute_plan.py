@@ -199,9 +199,13 @@ def make_plan(cfg: PrecomputeConfig, model: ModelConfig, kv_dtype: str) -> Plan:
     )
 
 
+def _existing(store: Path) -> Path:
+    """The store, or the nearest folder above it that exists (what its disk is asked about)."""
+    return store if store.exists() else next(p for p in store.parents if p.exists())
+
+
 def _block_size(store: Path) -> int:
-    probe = store if store.exists() else next(p for p in store.parents if p.exists())
-    return os.statvfs(probe).f_frsize or 4096
+    return os.statvfs(_existing(store)).f_frsize or 4096
 
 
 def kv_options_table(cfg: PrecomputeConfig, plan: Plan, model: ModelConfig, chosen: str, todo: int) -> str:
@@ -226,5 +230,5 @@ def kv_options_table(cfg: PrecomputeConfig, plan: Plan, model: ModelConfig, chos
 
 
 def free_disk(store: Path) -> tuple[Path, int]:
-    probe = store if store.exists() else next(p for p in store.parents if p.exists())
+    probe = _existing(store)
     return probe, shutil.disk_usage(probe).free

@@ -143,9 +143,10 @@ class PromptBuilder:
         camera_ids: list[int] | None = None,
         route: str | None = None,
     ) -> Prompt:
+        items = self._items(tokens_per_image, hist_xyz, mode, camera_ids, route)
         ids: list[int] = []
         run: list[str] = []
-        for text, piece in self._items(tokens_per_image, hist_xyz, mode, camera_ids, route) + [("", [])]:
+        for text, piece in items + [("", [])]:
             if piece is None:
                 run.append(text)
                 continue
@@ -153,8 +154,7 @@ class PromptBuilder:
                 ids += self._text("".join(run))
                 run = []
             ids += piece
-        text = "".join(t for t, _ in self._items(tokens_per_image, hist_xyz, mode, camera_ids, route))
-        return Prompt(ids, text)
+        return Prompt(ids, "".join(t for t, _ in items))
 
     def build(
         self,

@@ -145,7 +145,7 @@ def check_resume_settings(run_dir: Path, cfg: TrainConfig) -> None:
     now = to_jsonable(cfg)
     # A setting the run's config.json lacks (added to the program after the run started) is unchanged
     # when it still has its default: the run trained under that default.
-    defaults = to_jsonable(dataclasses.replace(cfg, **{f.name: f.default for f in _defaulted(cfg)}))
+    defaults = _default_settings(cfg)
     changed = {
         k: (saved.get(k, defaults[k]), v)
         for k, v in now.items()
@@ -163,8 +163,10 @@ def check_resume_settings(run_dir: Path, cfg: TrainConfig) -> None:
     log.warning(f"resuming with changed settings: {listing} (recorded in config_history.jsonl)")
 
 
-def _defaulted(cfg: TrainConfig) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING]
+def _default_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` as JSON with every field that has a default set to it (the store and the like kept)."""
+    fields = [f for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING]
+    return to_jsonable(dataclasses.replace(cfg, **{f.name: f.default for f in fields}))
 
 
 def _steps(run_dir: Path) -> list[Path]:
@@ -339,7 +341,7 @@ def resume_command(cfg: TrainConfig, run_dir: Path) -> str:
     """The command that continues this run: its store and folder plus every setting that differs from
     its default, so the resume finds the run's own settings."""
     now = to_jsonable(cfg)
-    defaults = to_jsonable(dataclasses.replace(cfg, **{f.name: f.default for f in _defaulted(cfg)}))
+    defaults = _default_settings(cfg)
     sets = [
         f"--set {shlex.quote(f'{k}={json.dumps(v)}')}"
         for k, v in now.items()
